@@ -1,0 +1,1 @@
+"""The `libra` sub-commands, one module each (see harness/cli.py)."""
