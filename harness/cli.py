@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # name -> module; imported lazily so `libra --help` does not pay for torch, Ray and MLflow.
