@@ -1,0 +1,120 @@
+"""`build_detector(cfg)`: the one place that reads the three switches and composes the model.
+
+The model is composed explicitly from torchvision's parts and ours (constructor injection; no
+registry, no monkeypatching), so the tree below reads top to bottom:
+
+    GeneralizedRCNN(
+        backbone   = ResNet/tiny + FPN            [+ BalancedFeaturePyramid if enabled],
+        rpn        = torchvision's RPN (random sampling, as in the paper),
+        roi_heads  = LibraRoIHeads(sampler = random | IoU-balanced,
+                                   box_loss = smooth L1 | balanced L1),
+        transform  = resize to min_size/max_size + ImageNet normalisation)
+
+With every switch off this is torchvision's Faster R-CNN + FPN, parameter for parameter.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+
+from detectors.backbones import build_backbone
+from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid
+from detectors.config import DetectorConfig
+from detectors.roi_heads import LibraRoIHeads, ProposalSampling, make_balanced_l1_box_loss, smooth_l1_box_loss
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+NUM_FPN_LEVELS = 5
+
+
+def build_detector(cfg: DetectorConfig) -> nn.Module:
+    """A detector with torchvision's contract: train mode returns a dict of `loss_*` tensors,
+    eval mode a list of {"boxes" [K, 4] xyxy in input pixels, "labels" [K], "scores" [K]}."""
+    if cfg.arch == "retinanet":
+        from detectors.retinanet import build_retinanet
+
+        return build_retinanet(cfg)
+    return build_faster_rcnn(cfg)
+
+
+def with_balanced_pyramid(backbone: nn.Module, cfg: DetectorConfig) -> nn.Module:
+    """Wrap the FPN backbone with the BFP neck when the switch is on; out_channels unchanged."""
+    bfp_cfg = cfg.balanced_feature_pyramid
+    if not bfp_cfg.enabled:
+        return backbone
+    bfp = BalancedFeaturePyramid(
+        backbone.out_channels, NUM_FPN_LEVELS, refine_level=bfp_cfg.refine_level, refine_type=bfp_cfg.refine_type
+    )
+    return BackboneWithBFP(backbone, bfp)
+
+
+def build_transform(cfg: DetectorConfig) -> GeneralizedRCNNTransform:
+    return GeneralizedRCNNTransform(cfg.min_size, cfg.max_size, list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
+def build_faster_rcnn(cfg: DetectorConfig) -> GeneralizedRCNN:
+    backbone = build_backbone(
+        cfg.backbone,
+        fpn_channels=cfg.fpn_channels,
+        pretrained=cfg.pretrained,
+        trainable_layers=cfg.trainable_backbone_layers,
+    )
+    backbone = with_balanced_pyramid(backbone, cfg)
+    channels = backbone.out_channels
+
+    anchors = AnchorGenerator(
+        sizes=tuple((size,) for size in cfg.anchor_sizes),
+        aspect_ratios=(ASPECT_RATIOS,) * NUM_FPN_LEVELS,
+    )
+    # torchvision's RPN defaults (they are also the paper's): IoU 0.7/0.3, 256 anchors per image,
+    # half positives, NMS 0.7. The RPN keeps random sampling; Libra changes only the second stage.
+    rpn = RegionProposalNetwork(
+        anchors,
+        RPNHead(channels, anchors.num_anchors_per_location()[0]),
+        fg_iou_thresh=0.7,
+        bg_iou_thresh=0.3,
+        batch_size_per_image=256,
+        positive_fraction=0.5,
+        pre_nms_top_n={"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
+        post_nms_top_n={"training": cfg.rpn_post_nms_top_n_train, "testing": cfg.rpn_post_nms_top_n_test},
+        nms_thresh=0.7,
+    )
+
+    sampler_cfg = cfg.iou_balanced_sampling
+    sampling = ProposalSampling(
+        batch_size_per_image=cfg.roi_batch_size_per_image,
+        positive_fraction=cfg.roi_positive_fraction,
+        iou_balanced=sampler_cfg.enabled,
+        num_bins=sampler_cfg.num_bins,
+        floor_thr=sampler_cfg.floor_thr,
+        floor_fraction=sampler_cfg.floor_fraction,
+        instance_balanced_pos=sampler_cfg.enabled and sampler_cfg.instance_balanced_pos,
+    )
+    loss_cfg = cfg.balanced_l1_loss
+    box_loss = (
+        make_balanced_l1_box_loss(loss_cfg.alpha, loss_cfg.gamma, loss_cfg.beta)
+        if loss_cfg.enabled
+        else smooth_l1_box_loss
+    )
+    roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    roi_heads = LibraRoIHeads(
+        roi_pool,
+        TwoMLPHead(channels * 7 * 7, cfg.representation_size),
+        FastRCNNPredictor(cfg.representation_size, cfg.num_classes + 1),  # + background
+        # torchvision's (and the paper's) matching: IoU >= 0.5 positive, below negative.
+        fg_iou_thresh=0.5,
+        bg_iou_thresh=0.5,
+        bbox_reg_weights=None,  # (10, 10, 5, 5): mmdetection's target stds, so beta = 1 carries over
+        score_thresh=cfg.box_score_thresh,
+        nms_thresh=cfg.box_nms_thresh,
+        detections_per_img=cfg.box_detections_per_img,
+        sampling=sampling,
+        box_loss=box_loss,
+    )
+    return GeneralizedRCNN(backbone, rpn, roi_heads, build_transform(cfg))

@@ -1,0 +1,183 @@
+"""The second stage (R-CNN) with Libra's sampler and box loss injected into torchvision's RoIHeads.
+
+torchvision's `RoIHeads` matches proposals to ground truth, throws the IoU matrix away, samples
+with labels only, and hard-wires smooth L1 (beta 1/9) in a module-level function. This subclass
+keeps the max IoU of every proposal from the matching step, hands it to an injected negative
+sampler, and computes the box loss with an injected function. With the random sampler and
+smooth L1 it reproduces torchvision's losses exactly (same random draws in the same order).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import boxes as box_ops
+
+from detectors.losses import balanced_l1_loss
+from detectors.sampling import instance_balanced_pos_sample, iou_balanced_neg_sample
+
+# A box loss maps predicted and target deltas [P, 4] (encoded with weights 10, 10, 5, 5) to the
+# SUM of the per-element losses; the caller normalises.
+BoxLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+def smooth_l1_box_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """torchvision's Faster R-CNN box loss: smooth L1 with beta 1/9, summed."""
+    return F.smooth_l1_loss(pred, target, beta=1 / 9, reduction="sum")
+
+
+def make_balanced_l1_box_loss(alpha: float, gamma: float, beta: float) -> BoxLoss:
+    """The balanced L1 loss with the given settings, summed (see detectors.losses)."""
+
+    def box_loss(pred: Tensor, target: Tensor) -> Tensor:
+        return balanced_l1_loss(pred, target, alpha=alpha, gamma=gamma, beta=beta, reduction="sum")
+
+    return box_loss
+
+
+@dataclass(frozen=True)
+class ProposalSampling:
+    """How the second stage picks its RoIs per image.
+
+    batch_size_per_image RoIs, of which at most positive_fraction positives. Negatives at random
+    (baseline) or IoU-balanced over num_bins bins; positives at random or instance-balanced.
+    """
+
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    iou_balanced: bool = False
+    num_bins: int = 3
+    floor_thr: float = -1.0
+    floor_fraction: float = 0.0
+    instance_balanced_pos: bool = False
+
+
+class LibraRoIHeads(RoIHeads):
+    """torchvision's RoIHeads with an injectable proposal sampler and box-regression loss.
+
+    Args (beyond RoIHeads' own, which are passed through unchanged):
+        sampling: how RoIs are drawn per image (ProposalSampling).
+        box_loss: maps [P, 4] predicted and target deltas of the positives to a summed loss;
+            normalised here by the number of sampled RoIs, like torchvision's fastrcnn_loss.
+    """
+
+    def __init__(self, *args, sampling: ProposalSampling, box_loss: BoxLoss = smooth_l1_box_loss, **kwargs):
+        super().__init__(
+            *args,
+            batch_size_per_image=sampling.batch_size_per_image,
+            positive_fraction=sampling.positive_fraction,
+            **kwargs,
+        )
+        self.sampling = sampling
+        self.box_loss = box_loss
+
+    # ---------------------------------------------------------------- matching and sampling
+    def match_proposals(
+        self, proposals: list[Tensor], gt_boxes: list[Tensor], gt_labels: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per image: matched gt index [R] (clamped to >= 0), label [R] (0 background, -1 ignored),
+        and the max IoU of each proposal with any gt box [R] (0 for images without boxes)."""
+        matched_idxs, labels, max_ious = [], [], []
+        for props, gts, gt_lbls in zip(proposals, gt_boxes, gt_labels):
+            num_props = props.shape[0]
+            if gts.numel() == 0:
+                matched_idxs.append(torch.zeros(num_props, dtype=torch.int64, device=props.device))
+                labels.append(torch.zeros(num_props, dtype=torch.int64, device=props.device))
+                max_ious.append(torch.zeros(num_props, dtype=props.dtype, device=props.device))
+                continue
+            iou = box_ops.box_iou(gts, props)  # [G, R]
+            matched = self.proposal_matcher(iou)
+            lbls = gt_lbls[matched.clamp(min=0)].to(torch.int64)
+            lbls[matched == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0
+            lbls[matched == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1
+            matched_idxs.append(matched.clamp(min=0))
+            labels.append(lbls)
+            max_ious.append(iou.max(dim=0).values)
+        return matched_idxs, labels, max_ious
+
+    def sample_proposals(self, labels: Tensor, matched_idxs: Tensor, max_ious: Tensor) -> Tensor:
+        """Indices [S] (sorted) of the RoIs one image trains on.
+
+        Args:
+            labels: [R] class of each proposal, 0 background, -1 ignored.
+            matched_idxs: [R] index of the matched gt box (meaningful for positives).
+            max_ious: [R] max IoU of each proposal with any gt box.
+        """
+        s = self.sampling
+        positive = torch.where(labels >= 1)[0]
+        negative = torch.where(labels == 0)[0]
+        num_pos = min(positive.numel(), int(s.batch_size_per_image * s.positive_fraction))
+        num_neg = min(negative.numel(), s.batch_size_per_image - num_pos)
+
+        # The baseline draws exactly as torchvision's BalancedPositiveNegativeSampler does
+        # (randperm of the positives, then of the negatives), so the all-off model reproduces
+        # torchvision's losses draw for draw.
+        if s.instance_balanced_pos:
+            pos_keep = instance_balanced_pos_sample(matched_idxs[positive], num_pos)
+        else:
+            pos_keep = torch.randperm(positive.numel(), device=positive.device)[:num_pos]
+        if s.iou_balanced:
+            neg_keep = iou_balanced_neg_sample(
+                max_ious[negative], num_neg,
+                num_bins=s.num_bins, floor_thr=s.floor_thr, floor_fraction=s.floor_fraction,
+            )
+        else:
+            neg_keep = torch.randperm(negative.numel(), device=negative.device)[:num_neg]
+        keep = torch.cat([positive[pos_keep], negative[neg_keep]])
+        return keep.sort().values
+
+    def select_training_samples(self, proposals, targets):
+        """Add gt boxes as proposals, match, sample; returns torchvision's 4-tuple.
+
+        Returns per image: sampled proposals [S, 4], matched gt index [S], labels [S],
+        and regression targets [S, 4] encoded with the head's box coder.
+        """
+        self.check_targets(targets)
+        if targets is None:
+            raise ValueError("targets should not be None")
+        dtype, device = proposals[0].dtype, proposals[0].device
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        proposals = self.add_gt_proposals(proposals, gt_boxes)  # the paper adds gt as proposals
+        matched_idxs, labels, max_ious = self.match_proposals(proposals, gt_boxes, gt_labels)
+
+        matched_gt_boxes = []
+        for i in range(len(proposals)):
+            keep = self.sample_proposals(labels[i], matched_idxs[i], max_ious[i])
+            proposals[i], labels[i], matched_idxs[i] = proposals[i][keep], labels[i][keep], matched_idxs[i][keep]
+            gts = gt_boxes[i] if gt_boxes[i].numel() else torch.zeros((1, 4), dtype=dtype, device=device)
+            matched_gt_boxes.append(gts[matched_idxs[i]])
+        regression_targets = self.box_coder.encode(matched_gt_boxes, proposals)
+        return proposals, matched_idxs, labels, regression_targets
+
+    # ---------------------------------------------------------------- loss
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, _matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)  # [S, C+1], [S, (C+1)*4]
+        loss_classifier, loss_box_reg = self.fast_rcnn_loss(class_logits, box_regression, labels, regression_targets)
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+
+    def fast_rcnn_loss(
+        self, class_logits: Tensor, box_regression: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Cross-entropy over all sampled RoIs, and the box loss over the positives.
+
+        The box loss is summed over positives and divided by the number of sampled RoIs (not of
+        positives), as torchvision and mmdetection do: the regression weight then does not swing
+        with how many positives an image happens to have.
+        """
+        labels_all = torch.cat(labels)  # [S]
+        targets_all = torch.cat(regression_targets)  # [S, 4]
+        loss_classifier = F.cross_entropy(class_logits, labels_all)
+        pos = torch.where(labels_all > 0)[0]
+        num_rois = class_logits.shape[0]
+        deltas = box_regression.reshape(num_rois, -1, 4)[pos, labels_all[pos]]  # [P, 4] of each RoI's class
+        loss_box_reg = self.box_loss(deltas, targets_all[pos]) / max(labels_all.numel(), 1)
+        return loss_classifier, loss_box_reg
