@@ -1,0 +1,211 @@
+"""The Balanced Feature Pyramid neck of Libra R-CNN, its non-local refiner and a backbone wrapper.
+
+The feature-level balance: every FPN level is rescaled to one middle level, the levels are
+averaged, the average is refined, and the result is scaled back and added to every level, so
+each level receives the same mix of low- and high-level information (paper Sec. 3.2, Table 5:
+integration alone +0.4 AP, with the non-local refiner +0.9 AP).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Mapping, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["NonLocalBlock2d", "BalancedFeaturePyramid", "BackboneWithBFP"]
+
+REFINE_TYPES = ("non_local", "conv", "none")
+
+Features = Union[Mapping[str, Tensor], Sequence[Tensor]]
+
+
+class NonLocalBlock2d(nn.Module):
+    """Embedded-Gaussian non-local block (Wang et al., CVPR 2018) with a residual connection.
+
+    y = x + W_out * (softmax(theta(x)^T phi(x)) g(x)), where theta, phi, g and W_out are 1x1
+    convolutions and the softmax runs over all H*W positions, without the 1/sqrt(d) scaling
+    (as in Libra R-CNN). Memory: the attention is [N, H*W, H*W]; at P4 of an 800x1333 image
+    (50x84 positions) that is about 70 MB per image in fp32.
+
+    Args:
+        channels: C, the input and output channels.
+        inner_channels: channels of theta, phi and g; default C (reduction 1, as in Libra R-CNN).
+
+    Shapes: [N, C, H, W] -> [N, C, H, W].
+    """
+
+    def __init__(self, channels: int, inner_channels: int | None = None) -> None:
+        super().__init__()
+        inner_channels = channels if inner_channels is None else inner_channels
+        if channels < 1 or inner_channels < 1:
+            raise ValueError(
+                f"NonLocalBlock2d: channels and inner_channels must be >= 1, "
+                f"got {channels} and {inner_channels}"
+            )
+        self.theta = nn.Conv2d(channels, inner_channels, kernel_size=1)
+        self.phi = nn.Conv2d(channels, inner_channels, kernel_size=1)
+        self.g = nn.Conv2d(channels, inner_channels, kernel_size=1)
+        self.out = nn.Conv2d(inner_channels, channels, kernel_size=1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Small embeddings keep the initial attention close to uniform, so early training does not
+        # lock onto a few positions; the zero output conv makes the whole block the identity at
+        # init, so inserting it leaves a pretrained pyramid's features unchanged at step 0.
+        for conv in (self.theta, self.phi, self.g):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        theta = self.theta(x).flatten(2)  # [N, C', HW]
+        phi = self.phi(x).flatten(2)  # [N, C', HW]
+        g = self.g(x).flatten(2)  # [N, C', HW]
+        attention = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)  # [N, HW (query), HW (key)]
+        y = (g @ attention.transpose(1, 2)).reshape(n, -1, h, w)  # [N, C', H, W]
+        return x + self.out(y)
+
+
+class BalancedFeaturePyramid(nn.Module):
+    """Balanced Feature Pyramid: rescale, integrate, refine, strengthen.
+
+    Args:
+        in_channels: C, the channels of every pyramid level (the FPN's out_channels).
+        num_levels: L, how many levels the input has (5 for torchvision's FPN: "0".."3", "pool").
+        refine_level: index in [0, L) of the level whose size the levels are integrated at;
+            2 is P4 for Faster R-CNN's P2..P6 (1 is P4 for RetinaNet's P3..P7). Levels with a
+            smaller index are the larger maps.
+        refine_type: "non_local" (embedded-Gaussian non-local block), "conv" (3x3 conv + ReLU)
+            or "none" (integration only).
+
+    forward takes the ordered levels, an OrderedDict[str, Tensor] (torchvision's FPN output) or a
+    list/tuple, each [N, C, H_l, W_l], finest first, and returns the same type with the same
+    keys and shapes: level_l + resize(refine(mean_k resize(level_k))). Any map sizes work, odd
+    ones included (e.g. 25x38, 13x19, 7x10, 4x5, 2x3): every resize goes to an exact size.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_levels: int,
+        refine_level: int = 2,
+        refine_type: str = "non_local",
+    ) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"BalancedFeaturePyramid: in_channels must be >= 1, got {in_channels}")
+        if num_levels < 1:
+            raise ValueError(f"BalancedFeaturePyramid: num_levels must be >= 1, got {num_levels}")
+        if not 0 <= refine_level < num_levels:
+            raise ValueError(
+                f"BalancedFeaturePyramid: refine_level must be in [0, {num_levels - 1}], "
+                f"got {refine_level}"
+            )
+        if refine_type not in REFINE_TYPES:
+            raise ValueError(
+                f"BalancedFeaturePyramid: refine_type must be one of {REFINE_TYPES}, "
+                f"got {refine_type!r}"
+            )
+        self.in_channels = in_channels
+        self.num_levels = num_levels
+        self.refine_level = refine_level
+        self.refine_type = refine_type
+        if refine_type == "non_local":
+            self.refine: nn.Module = NonLocalBlock2d(in_channels)
+        elif refine_type == "conv":
+            conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
+            # Xavier rather than Kaiming: the refined map is added to every level, and a gain of
+            # 1 keeps that residual at about the features' own scale instead of amplifying it.
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            self.refine = nn.Sequential(conv, nn.ReLU(inplace=True))
+        else:
+            self.refine = nn.Identity()
+
+    def forward(self, features: Features) -> Features:
+        if isinstance(features, Mapping):
+            names = list(features.keys())
+            levels = list(features.values())
+        elif isinstance(features, (list, tuple)):
+            names = None
+            levels = list(features)
+        else:
+            raise TypeError(
+                f"BalancedFeaturePyramid: expected an OrderedDict or a list of tensors, "
+                f"got {type(features).__name__}"
+            )
+        if len(levels) != self.num_levels:
+            raise ValueError(
+                f"BalancedFeaturePyramid: built for {self.num_levels} levels, got {len(levels)}"
+            )
+
+        # 1. Gather (rescale): bring every level to the refine level's size; the larger (finer)
+        # levels by max-pooling, which keeps their strongest responses, the smaller by nearest.
+        target_size = levels[self.refine_level].shape[-2:]
+        gathered = [
+            _resize(level, target_size, shrink=index < self.refine_level)
+            for index, level in enumerate(levels)
+        ]
+        # 2. Integrate: the balanced semantic features, an unweighted mean over levels.
+        balanced = torch.stack(gathered).mean(dim=0)  # [N, C, H_r, W_r]
+        # 3. Refine.
+        balanced = self.refine(balanced)
+        # 4. Scatter (strengthen): the reverse resize back to each level, added as a residual.
+        outputs = [
+            level + _resize(balanced, level.shape[-2:], shrink=index > self.refine_level)
+            for index, level in enumerate(levels)
+        ]
+
+        if names is not None:
+            return OrderedDict(zip(names, outputs))
+        return tuple(outputs) if isinstance(features, tuple) else outputs
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, num_levels={self.num_levels}, "
+            f"refine_level={self.refine_level}, refine_type={self.refine_type!r}"
+        )
+
+
+def _resize(x: Tensor, size: Sequence[int], shrink: bool) -> Tensor:
+    """[N, C, H, W] -> [N, C, *size]: adaptive max-pooling when `shrink`, else nearest."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if shrink:
+        return F.adaptive_max_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="nearest")
+
+
+class BackboneWithBFP(nn.Module):
+    """A torchvision backbone followed by a Balanced Feature Pyramid, usable as a backbone.
+
+    Args:
+        backbone: a module returning an OrderedDict[str, Tensor] of pyramid levels with an
+            `out_channels` attribute (e.g. torchvision's BackboneWithFPN).
+        bfp: a BalancedFeaturePyramid with in_channels == backbone.out_channels.
+
+    Exposes the same `out_channels`, so torchvision's FasterRCNN and RetinaNet accept it.
+    Shapes: images [N, 3, H, W] -> the backbone's OrderedDict, same keys and shapes.
+    """
+
+    def __init__(self, backbone: nn.Module, bfp: BalancedFeaturePyramid) -> None:
+        super().__init__()
+        out_channels = getattr(backbone, "out_channels", None)
+        if out_channels is None:
+            raise ValueError("BackboneWithBFP: the backbone has no `out_channels` attribute")
+        if bfp.in_channels != out_channels:
+            raise ValueError(
+                f"BackboneWithBFP: bfp.in_channels ({bfp.in_channels}) must equal "
+                f"backbone.out_channels ({out_channels})"
+            )
+        self.backbone = backbone
+        self.bfp = bfp
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        return self.bfp(self.backbone(x))

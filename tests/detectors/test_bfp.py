@@ -1,0 +1,250 @@
+"""Balanced Feature Pyramid: shapes and keys, the integrate-and-add rule against independent
+references, the non-local block (identity at init, its formula, gradients), the wrapper."""
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid, NonLocalBlock2d
+
+CHANNELS = 4
+ODD_SIZES = [(25, 38), (13, 19), (7, 10), (4, 5), (2, 3)]
+NAMES = ["0", "1", "2", "3", "pool"]  # torchvision's FPN keys
+
+
+def _levels(sizes=ODD_SIZES, batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, CHANNELS, h, w, generator=gen) for h, w in sizes]
+
+
+def _as_dict(levels):
+    return OrderedDict(zip(NAMES, levels))
+
+
+def _reference_integrate_and_add(levels, refine_level):
+    """refine_type "none", written out level by level: gather, mean, scatter, add."""
+    target_h, target_w = levels[refine_level].shape[-2:]
+    total = torch.zeros_like(levels[refine_level])
+    for index, level in enumerate(levels):
+        if index < refine_level:
+            total += F.adaptive_max_pool2d(level, (target_h, target_w))
+        elif index > refine_level:
+            total += F.interpolate(level, size=(target_h, target_w), mode="nearest")
+        else:
+            total += level
+    mean = total / len(levels)
+    expected = []
+    for index, level in enumerate(levels):
+        h, w = level.shape[-2:]
+        if index < refine_level:
+            back = F.interpolate(mean, size=(h, w), mode="nearest")
+        elif index > refine_level:
+            back = F.adaptive_max_pool2d(mean, (h, w))
+        else:
+            back = mean
+        expected.append(level + back)
+    return expected
+
+
+def _block_max(x, factor):
+    """Max over non-overlapping factor x factor blocks, via reshape (integer ratios only)."""
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // factor, factor, w // factor, factor).amax(dim=(3, 5))
+
+
+def _block_repeat(x, factor):
+    """Nearest upsampling by an integer factor: each pixel repeated factor x factor times."""
+    return x.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes, keys and the integrate-and-add rule.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("refine_type", ["non_local", "conv", "none"])
+def test_keys_types_and_shapes_are_kept(refine_type):
+    bfp = BalancedFeaturePyramid(CHANNELS, num_levels=5, refine_type=refine_type)
+    levels = _levels()
+    out_dict = bfp(_as_dict(levels))
+    assert isinstance(out_dict, OrderedDict) and list(out_dict) == NAMES
+    out_list = bfp(levels)
+    out_tuple = bfp(tuple(levels))
+    assert isinstance(out_list, list) and isinstance(out_tuple, tuple)
+    for level, from_dict, from_list in zip(levels, out_dict.values(), out_list):
+        assert from_dict.shape == level.shape and from_list.shape == level.shape
+        torch.testing.assert_close(from_dict, from_list)
+
+
+@pytest.mark.parametrize("refine_level", [0, 1, 2, 3, 4])
+def test_integration_matches_a_level_by_level_reference(refine_level):
+    bfp = BalancedFeaturePyramid(CHANNELS, num_levels=5, refine_level=refine_level, refine_type="none")
+    levels = _levels(seed=refine_level)
+    outputs = bfp(_as_dict(levels))
+    for got, want in zip(outputs.values(), _reference_integrate_and_add(levels, refine_level)):
+        torch.testing.assert_close(got, want)
+
+
+def test_integration_with_integer_ratios_matches_block_max_and_repeat():
+    # Sizes 16, 8, 4, 2, 1 with refine level 2 (4x4): block max by 4 and 2 on the way in,
+    # repeat by 2 and 4 for the smaller levels; the reverse on the way out.
+    levels = _levels(sizes=[(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)])
+    gathered = [_block_max(levels[0], 4), _block_max(levels[1], 2), levels[2],
+                _block_repeat(levels[3], 2), _block_repeat(levels[4], 4)]
+    mean = sum(gathered) / 5
+    expected = [levels[0] + _block_repeat(mean, 4), levels[1] + _block_repeat(mean, 2),
+                levels[2] + mean, levels[3] + _block_max(mean, 2), levels[4] + _block_max(mean, 4)]
+    bfp = BalancedFeaturePyramid(CHANNELS, num_levels=5, refine_level=2, refine_type="none")
+    for got, want in zip(bfp(levels), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_single_level_is_doubled():
+    # One level: the mean is the level itself, added back to itself.
+    level = _levels(sizes=[(5, 7)])[0]
+    (out,) = BalancedFeaturePyramid(CHANNELS, num_levels=1, refine_level=0, refine_type="none")([level])
+    torch.testing.assert_close(out, 2 * level)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refiners.
+# ---------------------------------------------------------------------------------------------
+def test_non_local_block_is_identity_at_init():
+    block = NonLocalBlock2d(CHANNELS)
+    x = _levels(sizes=[(7, 10)])[0]
+    torch.testing.assert_close(block(x), x, rtol=0, atol=0)
+
+
+def test_non_local_bfp_equals_integration_only_at_init():
+    levels = _levels()
+    with_non_local = BalancedFeaturePyramid(CHANNELS, num_levels=5, refine_type="non_local")
+    without = BalancedFeaturePyramid(CHANNELS, num_levels=5, refine_type="none")
+    for got, want in zip(with_non_local(levels), without(levels)):
+        torch.testing.assert_close(got, want)
+
+
+def _randomise(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+
+
+def test_non_local_block_computes_the_embedded_gaussian_formula():
+    # y_i = x_i + W_out sum_j softmax_j(theta_i . phi_j) g_j, without a 1/sqrt(d) scale.
+    block = NonLocalBlock2d(CHANNELS)
+    _randomise(block)
+    x = _levels(sizes=[(3, 4)], batch=1)[0].double()
+    block = block.double()
+
+    def conv1x1(conv, feature):  # [C, HW] -> [C', HW]
+        return conv.weight[:, :, 0, 0] @ feature + conv.bias[:, None]
+
+    flat = x[0].reshape(CHANNELS, -1)
+    theta, phi, g = conv1x1(block.theta, flat), conv1x1(block.phi, flat), conv1x1(block.g, flat)
+    expected = torch.empty_like(flat)
+    for i in range(flat.shape[1]):
+        weights = torch.softmax(theta[:, i] @ phi, dim=0)  # [HW] over positions j
+        expected[:, i] = flat[:, i] + conv1x1(block.out, (g * weights).sum(dim=1, keepdim=True))[:, 0]
+    torch.testing.assert_close(block(x)[0].reshape(CHANNELS, -1), expected)
+
+
+def test_gradients_reach_every_non_local_parameter():
+    bfp = BalancedFeaturePyramid(CHANNELS, num_levels=5, refine_type="non_local")
+    nn.init.normal_(bfp.refine.out.weight, std=0.1)  # at zero init only `out` gets a gradient
+    levels = _levels()
+    sum(out.square().sum() for out in bfp(levels)).backward()
+    for name, param in bfp.refine.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_conv_refine_changes_the_output():
+    levels = _levels()
+    conv = BalancedFeaturePyramid(CHANNELS, num_levels=5, refine_type="conv")
+    none = BalancedFeaturePyramid(CHANNELS, num_levels=5, refine_type="none")
+    differences = [(a - b).abs().max() for a, b in zip(conv(levels), none(levels))]
+    assert all(d > 1e-3 for d in differences)
+
+
+def test_conv_refine_is_conv_then_relu():
+    bfp = BalancedFeaturePyramid(CHANNELS, num_levels=5, refine_level=2, refine_type="conv")
+    x = _levels(sizes=[(7, 10)])[0]
+    conv = bfp.refine[0]
+    torch.testing.assert_close(bfp.refine(x), F.relu(F.conv2d(x, conv.weight, conv.bias, padding=1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"refine_type": "attention"},
+        {"refine_level": -1},
+        {"refine_level": 5},
+        {"num_levels": 0, "refine_level": 0},
+        {"in_channels": 0},
+    ],
+)
+def test_bad_arguments_raise(kwargs):
+    args = {"in_channels": CHANNELS, "num_levels": 5, **kwargs}
+    with pytest.raises(ValueError):
+        BalancedFeaturePyramid(**args)
+
+
+def test_wrong_inputs_raise():
+    bfp = BalancedFeaturePyramid(CHANNELS, num_levels=5, refine_type="none")
+    with pytest.raises(ValueError, match="5 levels"):
+        bfp(_levels()[:4])
+    with pytest.raises(TypeError):
+        bfp(torch.zeros(1, CHANNELS, 4, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# The backbone wrapper.
+# ---------------------------------------------------------------------------------------------
+class _TinyPyramidBackbone(nn.Module):
+    """Five levels at strides 4..64, like torchvision's BackboneWithFPN, from one conv."""
+
+    def __init__(self, out_channels=CHANNELS):
+        super().__init__()
+        self.stem = nn.Conv2d(3, out_channels, kernel_size=3, stride=4, padding=1)
+        self.out_channels = out_channels
+
+    def forward(self, images):
+        level = self.stem(images)
+        features = OrderedDict()
+        for name in NAMES:
+            features[name] = level
+            level = F.max_pool2d(level, kernel_size=1, stride=2)
+        return features
+
+
+def test_backbone_wrapper_keeps_out_channels_and_keys():
+    backbone = _TinyPyramidBackbone()
+    wrapped = BackboneWithBFP(backbone, BalancedFeaturePyramid(CHANNELS, num_levels=5))
+    assert wrapped.out_channels == CHANNELS
+    images = torch.randn(1, 3, 100, 150)
+    plain, balanced = backbone(images), wrapped(images)
+    assert isinstance(balanced, OrderedDict) and list(balanced) == NAMES
+    assert [v.shape for v in balanced.values()] == [v.shape for v in plain.values()]
+
+
+def test_backbone_wrapper_rejects_mismatches():
+    with pytest.raises(ValueError, match="in_channels"):
+        BackboneWithBFP(_TinyPyramidBackbone(), BalancedFeaturePyramid(CHANNELS + 1, num_levels=5))
+    with pytest.raises(ValueError, match="out_channels"):
+        BackboneWithBFP(nn.Identity(), BalancedFeaturePyramid(CHANNELS, num_levels=5))
+
+
+def test_torchvision_faster_rcnn_accepts_the_wrapper():
+    from torchvision.models.detection import FasterRCNN
+
+    torch.manual_seed(0)
+    backbone = BackboneWithBFP(_TinyPyramidBackbone(), BalancedFeaturePyramid(CHANNELS, num_levels=5))
+    model = FasterRCNN(backbone, num_classes=3, min_size=64, max_size=64,
+                       rpn_batch_size_per_image=32, box_batch_size_per_image=32)
+    images = [torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}]
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())

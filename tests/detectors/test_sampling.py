@@ -1,0 +1,320 @@
+"""Samplers: per-bin and per-instance quotas, fill of small groups, floor set, edges, determinism."""
+import pytest
+import torch
+
+from detectors.sampling import instance_balanced_pos_sample, iou_balanced_neg_sample, random_sample
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _gen(seed, device="cpu"):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _uniform(num, low, high, seed):
+    """[num] float32 values uniform in [low, high), reproducible."""
+    return low + (high - low) * torch.rand(num, generator=_gen(seed))
+
+
+def _three_bins(sizes, seed=0):
+    """IoUs with known membership of the bins [0, 0.15), [0.15, 0.3), [0.3, 0.45] (K = 3).
+
+    Values keep 0.01 away from the edges, and one candidate sits at 0.45 (the maximum, so the
+    bin width is exactly 0.15) in the last bin. Returns (max_ious [M], bin_of_each [M]).
+    """
+    ranges = [(0.01, 0.14), (0.16, 0.29), (0.31, 0.44)]
+    values, bins = [], []
+    for k, (size, (low, high)) in enumerate(zip(sizes, ranges)):
+        if k == 2:
+            size -= 1
+            values.append(torch.tensor([0.45]))
+            bins.append(torch.tensor([2]))
+        values.append(_uniform(size, low, high, seed + k))
+        bins.append(torch.full((size,), k))
+    return torch.cat(values), torch.cat(bins)
+
+
+def _check_indices(indices, num_candidates, num_expected):
+    assert indices.dtype == torch.int64
+    assert indices.numel() == min(num_expected, num_candidates)
+    assert indices.unique().numel() == indices.numel(), "repeated index"
+    if indices.numel():
+        assert 0 <= indices.min() and indices.max() < num_candidates
+
+
+# ---------------------------------------------------------------------------------------------
+# IoU-balanced negatives.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_large_bins_get_equal_shares(seed):
+    max_ious, bins = _three_bins([200, 100, 50])
+    # 30 // 3 = 10 per bin; all bins hold more than 10, so no fill is needed.
+    indices = iou_balanced_neg_sample(max_ious, 30, generator=_gen(seed))
+    _check_indices(indices, max_ious.numel(), 30)
+    assert torch.bincount(bins[indices], minlength=3).tolist() == [10, 10, 10]
+
+
+def test_remainder_of_the_budget_is_filled():
+    max_ious, bins = _three_bins([200, 100, 50])
+    # 32 // 3 = 10 per bin, then 2 more from any bin.
+    indices = iou_balanced_neg_sample(max_ious, 32, generator=_gen(0))
+    _check_indices(indices, max_ious.numel(), 32)
+    counts = torch.bincount(bins[indices], minlength=3)
+    assert (counts >= 10).all() and counts.sum() == 32
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_small_bins_are_taken_whole_and_the_rest_is_filled(seed):
+    max_ious, bins = _three_bins([100, 2, 3])
+    # Quota 10 per bin: bins 1 and 2 give all they have (2 + 3), bin 0 gives 10 + the 15 missing.
+    indices = iou_balanced_neg_sample(max_ious, 30, generator=_gen(seed))
+    _check_indices(indices, max_ious.numel(), 30)
+    assert torch.bincount(bins[indices], minlength=3).tolist() == [25, 2, 3]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_maximum_falls_into_the_last_bin(seed):
+    # Bins [0, 0.1), [0.1, 0.2), [0.2, 0.3]: the last holds only the maximum 0.3, so its quota
+    # of 1 always draws it (an extra bin, or a half-open last bin, would lose it to chance).
+    max_ious = torch.cat([_uniform(300, 0.0, 0.09, seed), torch.tensor([0.3])])
+    indices = iou_balanced_neg_sample(max_ious, 3, generator=_gen(seed))
+    assert 300 in indices.tolist()
+
+
+def test_bin_edges_come_from_the_negatives_own_range():
+    # All negatives in [0, 0.06]: the bins are [0, 0.02), [0.02, 0.04), [0.04, 0.06], not a
+    # split of [0, 0.5) whose upper bins would be empty.
+    max_ious = torch.cat([_uniform(100, 0.001, 0.019, 0), _uniform(100, 0.021, 0.039, 1),
+                          _uniform(99, 0.041, 0.059, 2), torch.tensor([0.06])])
+    bins = torch.arange(300) // 100
+    indices = iou_balanced_neg_sample(max_ious, 30, generator=_gen(0))
+    assert torch.bincount(bins[indices], minlength=3).tolist() == [10, 10, 10]
+
+
+@pytest.mark.parametrize("num_bins", [1, 2, 5])
+def test_other_numbers_of_bins(num_bins):
+    # 100 candidates per bin, bin k in [k / K, (k + 1) / K) * 0.5, kept away from the edges.
+    width = 0.5 / num_bins
+    parts = [_uniform(100, k * width + 0.1 * width, (k + 0.9) * width, k) for k in range(num_bins)]
+    max_ious = torch.cat(parts + [torch.tensor([0.5])])
+    bins = torch.cat([torch.arange(num_bins).repeat_interleave(100), torch.tensor([num_bins - 1])])
+    indices = iou_balanced_neg_sample(max_ious, 10 * num_bins, num_bins=num_bins, generator=_gen(0))
+    assert torch.bincount(bins[indices], minlength=num_bins).tolist() == [10] * num_bins
+
+
+def test_no_duplicates_over_many_seeds():
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(1000 + seed)
+        num_candidates = int(torch.randint(1, 300, (1,), generator=gen))
+        num_expected = int(torch.randint(0, 320, (1,), generator=gen))
+        # Skewed IoUs: most near 0, a few high, some ties.
+        max_ious = (torch.rand(num_candidates, generator=gen) ** 4 * 0.5).round(decimals=2)
+        floor = [(-1.0, 0.0), (0.05, 0.5), (0.1, 1.0)][seed % 3]
+        indices = iou_balanced_neg_sample(
+            max_ious, num_expected, num_bins=1 + seed % 5, floor_thr=floor[0],
+            floor_fraction=floor[1], generator=_gen(seed),
+        )
+        _check_indices(indices, num_candidates, num_expected)
+
+
+def test_all_equal_ious_behave_like_random_sampling():
+    indices = iou_balanced_neg_sample(torch.full((50,), 0.2), 20, generator=_gen(0))
+    _check_indices(indices, 50, 20)
+    indices = iou_balanced_neg_sample(torch.zeros(50), 20, generator=_gen(0))
+    _check_indices(indices, 50, 20)
+
+
+def test_draw_within_a_bin_is_uniform():
+    # One bin [0, 0.1) of 4 candidates with quota 2 out of the 3 bins' 6: each of the 4 is drawn
+    # with probability 1/2 -> 200 of 400 draws, binomial sd 10; +-50 is a 5-sigma band.
+    max_ious = torch.cat([torch.tensor([0.01, 0.02, 0.03, 0.04]), _uniform(50, 0.11, 0.19, 0),
+                          _uniform(49, 0.21, 0.29, 1), torch.tensor([0.3])])
+    hits = torch.zeros(4)
+    for seed in range(400):
+        indices = iou_balanced_neg_sample(max_ious, 6, generator=_gen(seed))
+        hits += torch.bincount(indices[indices < 4], minlength=4)
+    assert ((hits - 200).abs() < 50).all(), hits
+
+
+def test_floor_set_gets_its_fraction():
+    # Floor set: 200 candidates below 0.05. Bins over [0.05, 0.5]: 100 + 100 + 100.
+    floor_ious = _uniform(200, 0.0, 0.049, 0)
+    bin_ious = torch.cat([_uniform(100, 0.06, 0.19, 1), _uniform(100, 0.21, 0.34, 2),
+                          _uniform(99, 0.36, 0.49, 3), torch.tensor([0.5])])
+    max_ious = torch.cat([floor_ious, bin_ious])
+    groups = torch.cat([torch.full((200,), 3), torch.arange(3).repeat_interleave(100)])
+    # 40 * 0.25 = 10 from the floor, the 30 left over 3 bins: 10 each.
+    indices = iou_balanced_neg_sample(max_ious, 40, floor_thr=0.05, floor_fraction=0.25,
+                                      generator=_gen(0))
+    _check_indices(indices, 500, 40)
+    assert torch.bincount(groups[indices], minlength=4).tolist() == [10, 10, 10, 10]
+    # int(40 * 0.1) = 4 from the floor; 36 // 3 = 12 per bin.
+    indices = iou_balanced_neg_sample(max_ious, 40, floor_thr=0.05, floor_fraction=0.1,
+                                      generator=_gen(0))
+    assert torch.bincount(groups[indices], minlength=4).tolist() == [12, 12, 12, 4]
+    # Fraction 0: the floor is drawn from only when the bins cannot pay.
+    indices = iou_balanced_neg_sample(max_ious, 40, floor_thr=0.05, generator=_gen(0))
+    assert (groups[indices] == 3).sum() == 0
+
+
+def test_small_floor_set_is_taken_whole_and_bins_pay_the_rest():
+    max_ious = torch.cat([torch.tensor([0.0, 0.01, 0.02, 0.03]), _uniform(300, 0.1, 0.5, 0)])
+    indices = iou_balanced_neg_sample(max_ious, 40, floor_thr=0.05, floor_fraction=0.5,
+                                      generator=_gen(0))
+    _check_indices(indices, 304, 40)
+    assert (indices < 4).sum() == 4
+
+
+def test_small_bins_are_paid_by_the_floor_set_last():
+    # The bins hold 5 candidates: all 5 are drawn, and the floor set fills the remaining 35.
+    max_ious = torch.cat([_uniform(500, 0.0, 0.04, 0), _uniform(5, 0.1, 0.4, 1)])
+    indices = iou_balanced_neg_sample(max_ious, 40, floor_thr=0.05, floor_fraction=0.25,
+                                      generator=_gen(0))
+    _check_indices(indices, 505, 40)
+    assert (indices >= 500).sum() == 5
+
+
+def test_bins_shortfall_prefers_bin_candidates_over_the_floor():
+    # Bin budget 30 (quota 10 each); bin 1 is empty, so bins 0 and 2 pay its 10 before the floor
+    # set gets more than its 10.
+    max_ious = torch.cat([_uniform(200, 0.0, 0.04, 0), _uniform(100, 0.06, 0.19, 1),
+                          _uniform(99, 0.36, 0.49, 2), torch.tensor([0.5])])
+    indices = iou_balanced_neg_sample(max_ious, 40, floor_thr=0.05, floor_fraction=0.25,
+                                      generator=_gen(0))
+    assert (indices < 200).sum() == 10
+
+
+def test_num_expected_at_least_m_returns_all():
+    max_ious = _uniform(7, 0.0, 0.5, 0)
+    for num_expected in (7, 8, 100):
+        assert iou_balanced_neg_sample(max_ious, num_expected).tolist() == list(range(7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_input_and_zero_budget(device):
+    empty = iou_balanced_neg_sample(torch.zeros(0, device=device), 10)
+    assert empty.shape == (0,) and empty.dtype == torch.int64 and empty.device.type == device
+    none = iou_balanced_neg_sample(torch.rand(10, device=device), 0)
+    assert none.shape == (0,) and none.dtype == torch.int64 and none.device.type == device
+
+
+def test_seeded_generator_is_deterministic():
+    max_ious = _uniform(1000, 0.0, 0.5, 0)
+    first = iou_balanced_neg_sample(max_ious, 30, generator=_gen(0))
+    again = iou_balanced_neg_sample(max_ious, 30, generator=_gen(0))
+    other = iou_balanced_neg_sample(max_ious, 30, generator=_gen(1))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_calls_change_no_state():
+    # The reference sampler rewrites its floor_thr on the first call; a pure function cannot, but
+    # check the observable: a call in between, with other settings, changes nothing.
+    max_ious = _uniform(500, 0.0, 0.5, 0)
+    before = max_ious.clone()
+    first = iou_balanced_neg_sample(max_ious, 40, floor_thr=-1.0, generator=_gen(3))
+    iou_balanced_neg_sample(max_ious, 40, floor_thr=0.1, floor_fraction=0.5, generator=_gen(4))
+    again = iou_balanced_neg_sample(max_ious, 40, floor_thr=-1.0, generator=_gen(3))
+    assert torch.equal(first, again)
+    assert torch.equal(max_ious, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_and_dtype_are_kept(device):
+    max_ious = _uniform(100, 0.0, 0.5, 0).to(device)
+    indices = iou_balanced_neg_sample(max_ious, 12, generator=_gen(0, device))
+    assert indices.device.type == device and indices.dtype == torch.int64
+    _check_indices(indices.cpu(), 100, 12)
+    as_double = iou_balanced_neg_sample(max_ious.double(), 12, floor_thr=0.1, floor_fraction=0.5,
+                                   generator=_gen(0, device))
+    assert as_double.device.type == device and as_double.numel() == 12
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_bins": 0}, {"floor_thr": -0.5}, {"floor_fraction": 1.5}, {"floor_fraction": -0.1}],
+)
+def test_bad_arguments_raise(kwargs):
+    with pytest.raises(ValueError):
+        iou_balanced_neg_sample(torch.rand(10), 5, **kwargs)
+
+
+def test_bad_budget_or_shape_raises():
+    with pytest.raises(ValueError):
+        iou_balanced_neg_sample(torch.rand(10), -1)
+    with pytest.raises(ValueError):
+        iou_balanced_neg_sample(torch.rand(2, 5), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Instance-balanced positives.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1])
+def test_instances_with_many_positives_get_equal_shares(seed):
+    gt_indices = torch.tensor([0] * 60 + [1] * 25 + [2] * 40)
+    gt_indices = gt_indices[torch.randperm(125, generator=_gen(seed))]
+    indices = instance_balanced_pos_sample(gt_indices, 30, generator=_gen(seed))
+    _check_indices(indices, 125, 30)
+    assert torch.bincount(gt_indices[indices], minlength=3).tolist() == [10, 10, 10]
+
+
+def test_instances_with_few_positives_are_taken_whole():
+    # Quota 30 // 3 = 10: instance 5 gives its 3, the 7 missing come from the others.
+    gt_indices = torch.tensor([7] * 60 + [5] * 3 + [100] * 40)
+    indices = instance_balanced_pos_sample(gt_indices, 30, generator=_gen(0))
+    _check_indices(indices, 103, 30)
+    chosen = gt_indices[indices]
+    assert (chosen == 5).sum() == 3
+    assert (chosen == 7).sum() >= 10 and (chosen == 100).sum() >= 10
+
+
+def test_more_instances_than_budget_is_random_sampling():
+    gt_indices = torch.arange(50).repeat(2)
+    indices = instance_balanced_pos_sample(gt_indices, 20, generator=_gen(0))
+    _check_indices(indices, 100, 20)
+
+
+def test_instance_sampler_edges():
+    gt_indices = torch.tensor([0, 0, 1])
+    assert instance_balanced_pos_sample(gt_indices, 3).tolist() == [0, 1, 2]
+    assert instance_balanced_pos_sample(gt_indices, 10).tolist() == [0, 1, 2]
+    assert instance_balanced_pos_sample(gt_indices, 0).shape == (0,)
+    empty = instance_balanced_pos_sample(torch.zeros(0, dtype=torch.int64), 5)
+    assert empty.shape == (0,) and empty.dtype == torch.int64
+    with pytest.raises(ValueError):
+        instance_balanced_pos_sample(gt_indices, -1)
+
+
+def test_instance_sampler_is_deterministic_and_never_repeats():
+    gen = torch.Generator().manual_seed(7)
+    for seed in range(20):
+        num_positives = int(torch.randint(1, 200, (1,), generator=gen))
+        gt_indices = torch.randint(0, 6, (num_positives,), generator=gen)
+        num_expected = int(torch.randint(0, 210, (1,), generator=gen))
+        first = instance_balanced_pos_sample(gt_indices, num_expected, generator=_gen(seed))
+        _check_indices(first, num_positives, num_expected)
+        again = instance_balanced_pos_sample(gt_indices, num_expected, generator=_gen(seed))
+        assert torch.equal(first, again)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random sampling.
+# ---------------------------------------------------------------------------------------------
+def test_random_sample_properties():
+    indices = random_sample(100, 25, generator=_gen(0))
+    _check_indices(indices, 100, 25)
+    assert torch.equal(indices, indices.sort().values)
+    assert torch.equal(indices, random_sample(100, 25, generator=_gen(0)))
+    assert not torch.equal(indices, random_sample(100, 25, generator=_gen(1)))
+    assert random_sample(5, 10).tolist() == [0, 1, 2, 3, 4]
+    assert random_sample(0, 10).shape == (0,)
+    assert random_sample(10, 0).shape == (0,)
+    with pytest.raises(ValueError):
+        random_sample(10, -1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_sample_device(device):
+    indices = random_sample(50, 10, generator=_gen(0, device), device=device)
+    assert indices.device.type == device and indices.dtype == torch.int64
+    _check_indices(indices.cpu(), 50, 10)
