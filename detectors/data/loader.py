@@ -1,0 +1,78 @@
+"""From a DataConfig to the train and val datasets, and the collate function detection needs."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+
+from detectors.config import DataConfig
+from detectors.data.coco import CocoDetection
+from detectors.data.errors import DatasetError
+from detectors.data.synthetic import ensure_synthetic
+
+_PATH_KEYS = ("train_images", "train_annotations", "val_images", "val_annotations")
+
+
+def collate_detection(
+    batch: Sequence[tuple[torch.Tensor, dict[str, Any]]],
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Batch as lists: images differ in size, and the detector's transform batches them itself.
+
+    [(image [3, H_i, W_i], target_i), ...] -> ([image_0, image_1, ...], [target_0, ...]).
+    """
+    images = [image for image, _ in batch]
+    targets = [target for _, target in batch]
+    return images, targets
+
+
+def _coco_paths(data_cfg: DataConfig, where: str) -> dict[str, str]:
+    """The four user paths, each checked to exist; the error names the config key."""
+    paths = {}
+    for key in _PATH_KEYS:
+        value = getattr(data_cfg, key)
+        if value is None:
+            raise DatasetError(f"{where}.{key} is required when {where}.kind is coco")
+        must_be_dir = key.endswith("_images")
+        exists = os.path.isdir(value) if must_be_dir else os.path.isfile(value)
+        if not exists:
+            kind = "folder" if must_be_dir else "file"
+            problem = "is not a " + kind if os.path.exists(value) else "does not exist"
+            raise DatasetError(f"{where}.{key}: {value} {problem}; point it at the {kind} "
+                               "(relative paths are resolved against the study or config file)")
+        paths[key] = value
+    return paths
+
+
+def build_datasets(data_cfg: DataConfig, where: str = "data") -> tuple[CocoDetection, CocoDetection]:
+    """The (train, val) datasets a DataConfig describes.
+
+    kind "coco": the four paths as given (absolute after `DataConfig.resolved`). kind
+    "synthetic": the cached synthetic set for `data_cfg.synthetic` under `data_cfg.root`,
+    generated on first use. `max_val_images` keeps the first N validation images (sorted ids);
+    the val dataset's `image_ids` then lists them, and evaluation must pass them on
+    (`coco_box_eval(val.coco, results, image_ids=val.image_ids)`).
+
+    `where` is the dotted prefix used in error messages. Raises DatasetError naming the key or
+    file on a missing path or a malformed annotation file.
+    """
+    if data_cfg.max_val_images is not None and data_cfg.max_val_images < 1:
+        raise DatasetError(f"{where}.max_val_images must be >= 1 or null, got {data_cfg.max_val_images}")
+    if data_cfg.kind == "coco":
+        paths = _coco_paths(data_cfg, where)
+    elif data_cfg.kind == "synthetic":
+        paths = ensure_synthetic(data_cfg.root, data_cfg.synthetic)
+    else:
+        raise DatasetError(f"{where}.kind must be coco or synthetic, got {data_cfg.kind!r}")
+    train = CocoDetection(paths["train_images"], paths["train_annotations"],
+                          train=True, horizontal_flip=data_cfg.horizontal_flip)
+    val = CocoDetection(paths["val_images"], paths["val_annotations"],
+                        train=False, max_images=data_cfg.max_val_images)
+    if (train.label_to_cat_id, train.category_names) != (val.label_to_cat_id, val.category_names):
+        # Labels are positions in the sorted category ids: differing lists would silently
+        # evaluate class A's detections as class B.
+        raise DatasetError(
+            f"{paths['train_annotations']} and {paths['val_annotations']} list different "
+            "categories; both splits need the same category ids and names"
+        )
+    return train, val
