@@ -1,0 +1,447 @@
+"""Training and evaluation of one detector on one dataset: `fit`, `train_one_epoch`, `evaluate`.
+
+Plain PyTorch. DDP-aware (when the caller has initialised torch.distributed, e.g. Ray Train's
+TorchTrainer, the model is wrapped in DDP, the data sharded, and evaluation gathered on rank 0),
+but knows nothing of Ray, Optuna or MLflow: the harness listens through `callbacks`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler, Subset
+
+from detectors.build import build_detector
+from detectors.config import ConfigError, ScheduleConfig, TrainConfig
+from detectors.data.loader import build_datasets, collate_detection
+from detectors.evaluation import coco_box_eval, predictions_to_coco
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.json"
+
+Callback = Callable[[dict], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run cannot continue."""
+
+
+# ------------------------------------------------------------------------------------ set-up
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def current() -> "DistContext":
+        if dist.is_available() and dist.is_initialized():
+            return DistContext(dist.get_rank(), dist.get_world_size())
+        return DistContext()
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' -> this process's CUDA device when there is one (LOCAL_RANK under DDP), else CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"schedule.device is {spec!r} but no CUDA device is visible; use 'auto' or 'cpu'")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def lr_factor(iteration: int, iters_per_epoch: int, schedule: ScheduleConfig) -> float:
+    """Multiplier on the base lr at a global iteration: linear warm-up times step decay.
+
+    Warm-up rises linearly from warmup_ratio to 1 over warmup_iters; the step decay multiplies
+    by lr_gamma once for every lr_steps epoch already completed.
+    """
+    epoch = iteration // max(iters_per_epoch, 1)
+    decay = schedule.lr_gamma ** sum(1 for step in schedule.lr_steps if epoch >= step)
+    if iteration < schedule.warmup_iters:
+        progress = iteration / schedule.warmup_iters
+        return decay * (schedule.warmup_ratio + (1.0 - schedule.warmup_ratio) * progress)
+    return decay
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA allocator peak on a GPU; the process's peak resident set on the CPU (Linux ru_maxrss)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _progress_enabled(progress: Optional[bool]) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+def _iterate(items: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------ training
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    *,
+    device: torch.device,
+    epoch: int,
+    schedule: ScheduleConfig,
+    ctx: DistContext = DistContext(),
+    progress: bool = False,
+) -> dict[str, float]:
+    """One pass over `loader`; returns the mean of each loss term, lr and speed figures.
+
+    The learning rate is stepped every iteration (warm-up is per iteration). Under DDP the loss
+    is averaged over ranks for the log, which also makes every rank see the same non-finite
+    loss and stop together instead of hanging in the next all-reduce.
+    """
+    model.train()
+    use_amp = schedule.amp and device.type == "cuda"
+    params = [p for p in model.parameters() if p.requires_grad]
+    num_iters = len(loader) if schedule.max_iters_per_epoch is None else min(len(loader), schedule.max_iters_per_epoch)
+    sums: dict[str, float] = {}
+    num_images = 0
+    num_done = 0
+    iter_seconds = 0.0
+    for i, (images, targets) in enumerate(_iterate(loader, num_iters, f"epoch {epoch}", progress)):
+        if i >= num_iters:
+            break
+        start = time.perf_counter()
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        logged = torch.stack([loss.detach().float()] + [v.detach().float() for v in loss_dict.values()])
+        if ctx.distributed:
+            dist.all_reduce(logged)
+            logged /= ctx.world_size
+        if not torch.isfinite(logged[0]):
+            raise NonFiniteLossError(
+                f"training loss became {logged[0].item()} at epoch {epoch}, iteration {i + 1} "
+                f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower the learning rate or keep grad_clip on"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if schedule.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        iter_seconds += time.perf_counter() - start
+
+        values = logged.tolist()
+        for name, value in zip(["loss", *loss_dict.keys()], values):
+            sums[name] = sums.get(name, 0.0) + value
+        num_images += len(images)
+        num_done += 1
+    metrics = {name: total / max(num_done, 1) for name, total in sums.items()}
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    metrics["sec_per_iter"] = iter_seconds / max(num_done, 1)
+    metrics["train_images_per_sec"] = num_images * ctx.world_size / iter_seconds if iter_seconds else 0.0
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    indices: Sequence[int],
+    batch_size: int = 2,
+    amp: bool = False,
+    progress: bool = False,
+) -> tuple[list[dict], int, float]:
+    """Run the model on `dataset[indices]`; returns COCO result records, images seen, seconds."""
+    model.eval()
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, collate_fn=collate_detection)
+    label_to_cat_id = _base_dataset(dataset).label_to_cat_id
+    records: list[dict] = []
+    seconds = 0.0
+    num_images = 0
+    use_amp = amp and device.type == "cuda"
+    for images, targets in _iterate(loader, len(loader), "eval", progress):
+        start = time.perf_counter()
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            outputs = model([img.to(device) for img in images])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - start
+        num_images += len(images)
+        for out, target in zip(outputs, targets):
+            records.extend(
+                predictions_to_coco(
+                    int(target["image_id"]), out["boxes"].float().cpu(), out["scores"].float().cpu(),
+                    out["labels"].cpu(), label_to_cat_id,
+                )
+            )
+    return records, num_images, seconds
+
+
+def _base_dataset(dataset: Dataset) -> Any:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    device: Optional[torch.device] = None,
+    batch_size: int = 2,
+    amp: bool = False,
+    backend: str = "pycocotools",
+    progress: bool = False,
+    ctx: Optional[DistContext] = None,
+) -> dict[str, Any]:
+    """COCO box evaluation of `model` on `dataset` (a CocoDetection).
+
+    Under DDP every rank predicts its share of the images; rank 0 gathers the records and runs
+    COCOeval; the result is broadcast so every rank returns the same dict:
+    {"metrics": {bbox_mAP, ..., eval_seconds, eval_images_per_sec}, "per_class_AP": {...},
+    "summary": COCOeval's printed summary}.
+    """
+    ctx = ctx or DistContext.current()
+    device = device or next(model.parameters()).device
+    start = time.perf_counter()
+    indices = list(range(ctx.rank, len(dataset), ctx.world_size))
+    records, num_images, infer_seconds = predict(
+        model, dataset, device=device, indices=indices, batch_size=batch_size, amp=amp, progress=progress
+    )
+    if ctx.distributed:
+        gathered: list = [None] * ctx.world_size
+        dist.all_gather_object(gathered, (records, num_images, infer_seconds))
+        records = [r for part in gathered for r in part[0]]
+        num_images = sum(part[1] for part in gathered)
+        infer_seconds = max(part[2] for part in gathered)  # ranks run in parallel
+    result: list = [None]
+    if ctx.is_main:
+        base = _base_dataset(dataset)
+        evaluation = coco_box_eval(base.coco, records, image_ids=base.image_ids, backend=backend)
+        metrics = dict(evaluation.metrics)
+        metrics["eval_seconds"] = time.perf_counter() - start
+        metrics["eval_images_per_sec"] = num_images / infer_seconds if infer_seconds else 0.0
+        result[0] = {"metrics": metrics, "per_class_AP": evaluation.per_class_AP, "summary": evaluation.summary}
+    if ctx.distributed:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write atomically: a run killed mid-write must still find the previous checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
+    """Checkpoints hold only tensors and plain containers, so they load with weights_only=True."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
+    """The trained model (eval mode) and the config it was trained with."""
+    state = load_checkpoint(path, device)
+    cfg = TrainConfig.from_dict(state["config"])
+    model = build_detector(cfg.detector).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg
+
+
+# ------------------------------------------------------------------------------------ fit
+def _check_classes(cfg: TrainConfig, num_dataset_classes: int) -> None:
+    if cfg.detector.num_classes != num_dataset_classes:
+        raise ConfigError(
+            f"detector.num_classes is {cfg.detector.num_classes} but the dataset has "
+            f"{num_dataset_classes} categories; set detector.num_classes: {num_dataset_classes}"
+        )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def fit(
+    cfg: TrainConfig,
+    out_dir: str,
+    *,
+    callbacks: Sequence[Callback] = (),
+    resume: bool = True,
+    progress: Optional[bool] = None,
+    eval_backend: str = "pycocotools",
+) -> dict[str, Any]:
+    """Train `cfg` for its schedule, evaluating after epochs, checkpointing after every epoch.
+
+    Args:
+        cfg: the run; data paths must be absolute (see DataConfig.resolved).
+        out_dir: where `checkpoint.pt` (latest) and `metrics.json` go (rank 0 writes).
+        callbacks: called on every rank after each epoch (checkpoint already written) with flat
+            metrics: epoch (1-based), loss and loss_* terms, lr, sec_per_iter,
+            train_images_per_sec, peak_memory_mb, epoch_seconds, and on evaluated epochs the
+            bbox_* metrics, eval_seconds, eval_images_per_sec. An exception from a callback
+            stops training and propagates (the harness prunes this way).
+        resume: continue from out_dir's checkpoint when there is one.
+        progress: a progress bar over iterations; None = only when stderr is a terminal.
+
+    Returns:
+        {"final": last epoch's metrics, "history": every epoch's, "per_class_AP": {name: AP},
+         "eval_summary": str, "checkpoint": path}.
+
+    Raises:
+        NonFiniteLossError when the loss goes NaN/inf; ConfigError / DatasetError for bad input.
+    """
+    ctx = DistContext.current()
+    schedule = cfg.schedule
+    device = resolve_device(schedule.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    if schedule.num_threads is not None:
+        torch.set_num_threads(schedule.num_threads)
+    show_progress = _progress_enabled(progress) and ctx.is_main
+    os.makedirs(out_dir, exist_ok=True)
+    checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
+
+    train_set, val_set = build_datasets(cfg.data)
+    _check_classes(cfg, train_set.num_classes)
+
+    seed_everything(schedule.seed)
+    model = build_detector(cfg.detector).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    base_lr = schedule.learning_rate(ctx.world_size)
+    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=schedule.amp and device.type == "cuda")
+
+    if ctx.distributed:
+        sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, seed=schedule.seed)
+    else:
+        sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(schedule.seed))
+    loader = DataLoader(
+        train_set, batch_size=schedule.batch_size, sampler=sampler, collate_fn=collate_detection,
+        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+    )
+    iters_per_epoch = len(loader) if schedule.max_iters_per_epoch is None else min(len(loader), schedule.max_iters_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, iters_per_epoch, schedule)
+    )
+
+    history: list[dict] = []
+    last_eval: dict[str, Any] = {"per_class_AP": {}, "summary": ""}
+    start_epoch = 1
+    if resume and os.path.isfile(checkpoint_path):
+        state = load_checkpoint(checkpoint_path, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history = list(state["history"])
+        last_eval = dict(state["last_eval"])
+        start_epoch = int(state["epoch"]) + 1
+        torch.set_rng_state(state["rng_state"].cpu())
+
+    if ctx.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    for epoch in range(start_epoch, schedule.epochs + 1):
+        epoch_start = time.perf_counter()
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        else:
+            # Reseed per epoch so a resumed run draws the same batches as an uninterrupted one.
+            sampler.generator.manual_seed(schedule.seed + epoch)
+        metrics: dict[str, Any] = {"epoch": epoch}
+        metrics.update(
+            train_one_epoch(
+                model, loader, optimizer, scheduler, scaler, device=device, epoch=epoch,
+                schedule=schedule, ctx=ctx, progress=show_progress,
+            )
+        )
+        metrics["peak_memory_mb"] = peak_memory_mb(device)
+        if epoch % schedule.eval_every == 0 or epoch == schedule.epochs:
+            last_eval = evaluate(
+                _unwrap(model), val_set, device=device, batch_size=schedule.batch_size, amp=schedule.amp,
+                backend=eval_backend, progress=show_progress, ctx=ctx,
+            )
+            metrics.update(last_eval["metrics"])
+        metrics["epoch_seconds"] = time.perf_counter() - epoch_start
+        history.append(metrics)
+
+        if ctx.is_main:
+            save_checkpoint(checkpoint_path, {
+                "model": _unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "config": cfg.to_dict(),
+                "history": history,
+                "last_eval": {"per_class_AP": last_eval["per_class_AP"], "summary": last_eval["summary"]},
+                "rng_state": torch.get_rng_state(),
+            })
+            _write_metrics(out_dir, cfg, history, last_eval)
+        for callback in callbacks:
+            callback(dict(metrics))
+
+    return {
+        "final": history[-1] if history else {},
+        "history": history,
+        "per_class_AP": last_eval["per_class_AP"],
+        "eval_summary": last_eval["summary"],
+        "checkpoint": checkpoint_path,
+    }
+
+
+def _write_metrics(out_dir: str, cfg: TrainConfig, history: list[dict], last_eval: dict) -> None:
+    payload = {
+        "config": cfg.to_dict(),
+        "final": history[-1] if history else {},
+        "history": history,
+        "per_class_AP": last_eval["per_class_AP"],
+        "eval_summary": last_eval["summary"],
+    }
+    tmp = os.path.join(out_dir, METRICS_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, allow_nan=True)
+    os.replace(tmp, os.path.join(out_dir, METRICS_NAME))

@@ -1,0 +1,51 @@
+"""Evaluate a checkpoint with COCO box mAP (pycocotools) on its own validation set, or on
+another COCO-format set given with --val-images/--val-annotations."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+from harness.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint.pt written by libra train")
+    parser.add_argument("--val-images", metavar="DIR", help="image folder of another COCO-format set")
+    parser.add_argument("--val-annotations", metavar="FILE", help="instances JSON of that set")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default 2)")
+    parser.add_argument("--eval-backend", choices=["pycocotools", "faster"], default="pycocotools")
+    parser.add_argument("--out", metavar="FILE", help="also write the metrics as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from detectors.data.loader import build_datasets
+    from detectors.engine import evaluate, load_model_from_checkpoint, resolve_device
+
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint}: no such file")
+    if (args.val_images is None) != (args.val_annotations is None):
+        raise UserError("give both --val-images and --val-annotations, or neither")
+    device = resolve_device(args.device)
+    model, cfg = load_model_from_checkpoint(args.checkpoint, device)
+    data = cfg.data
+    if args.val_images:
+        # Any COCO-format set: the training paths are not read for evaluation.
+        data = dataclasses.replace(
+            data, kind="coco", val_images=os.path.abspath(args.val_images),
+            val_annotations=os.path.abspath(args.val_annotations),
+            train_images=data.train_images or os.path.abspath(args.val_images),
+            train_annotations=data.train_annotations or os.path.abspath(args.val_annotations),
+        )
+    _, val_set = build_datasets(data)
+    result = evaluate(model, val_set, device=device, batch_size=args.batch_size, backend=args.eval_backend,
+                      progress=None)
+    print(result["summary"].rstrip())
+    metrics = result["metrics"]
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"metrics": metrics, "per_class_AP": result["per_class_AP"]}, f, indent=2)
+    return 0
