@@ -1,0 +1,113 @@
+"""The training engine: learning-rate schedule, fit on synthetic data, checkpoints and resume."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from detectors.config import ConfigError, ScheduleConfig, TrainConfig
+from detectors.engine import CHECKPOINT_NAME, NonFiniteLossError, fit, load_checkpoint, lr_factor
+
+
+def tiny_config(root, **schedule) -> TrainConfig:
+    return TrainConfig.from_dict({
+        "detector": {
+            "backbone": "tiny", "num_classes": 6, "min_size": 96, "max_size": 96, "fpn_channels": 16,
+            "anchor_sizes": [8, 16, 32, 64, 128], "representation_size": 32, "roi_batch_size_per_image": 32,
+            "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50,
+            "rpn_pre_nms_top_n_test": 50, "rpn_post_nms_top_n_test": 30,
+        },
+        "data": {"kind": "synthetic", "root": str(root), "synthetic": {"num_train": 8, "num_val": 4, "image_size": 96}},
+        "schedule": {"epochs": 2, "batch_size": 2, "lr": 0.01, "warmup_iters": 2, "lr_steps": [], "amp": False,
+                     "num_threads": 1, **schedule},
+    })
+
+
+def test_lr_factor_warms_up_linearly_then_steps_down():
+    s = ScheduleConfig(warmup_iters=10, warmup_ratio=0.1, lr_steps=(2, 3), lr_gamma=0.1)
+    # iteration 0: 0.1; iteration 5: 0.1 + 0.9 * 5/10 = 0.55; 10 iterations per epoch below
+    assert lr_factor(0, 10, s) == pytest.approx(0.1)
+    assert lr_factor(5, 10, s) == pytest.approx(0.55)
+    assert lr_factor(10, 10, s) == pytest.approx(1.0)
+    assert lr_factor(19, 10, s) == pytest.approx(1.0)
+    assert lr_factor(20, 10, s) == pytest.approx(0.1)  # epoch index 2 reached: x0.1
+    assert lr_factor(35, 10, s) == pytest.approx(0.01)  # epoch index 3: x0.1 again
+
+
+def test_linear_scaling_rule():
+    s = ScheduleConfig(batch_size=2, base_lr=0.02, base_batch_size=16)
+    assert s.learning_rate(world_size=8) == pytest.approx(0.02)  # 2 x 8 = 16 images: the paper's lr
+    assert s.learning_rate(world_size=1) == pytest.approx(0.0025)
+    assert dataclasses.replace(s, lr=0.5).learning_rate(8) == 0.5
+
+
+def test_fit_trains_evaluates_checkpoints_and_reports(tmp_path):
+    cfg = tiny_config(tmp_path / "data")
+    seen = []
+    result = fit(cfg, str(tmp_path / "run"), callbacks=[seen.append], progress=False)
+    assert [m["epoch"] for m in seen] == [1, 2]
+    first, last = result["history"]
+    assert last["loss"] < first["loss"]
+    for name in ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_AR_100"):
+        assert 0.0 <= last[name] <= 1.0, name
+    for name in ("sec_per_iter", "train_images_per_sec", "peak_memory_mb", "eval_images_per_sec", "epoch_seconds"):
+        assert last[name] > 0, name
+    assert set(result["per_class_AP"]) == {"square", "disc", "triangle", "cross", "ring", "ellipse"}
+    assert "Average Precision" in result["eval_summary"]
+    # checkpoints hold only tensors and plain containers
+    state = torch.load(tmp_path / "run" / CHECKPOINT_NAME, weights_only=True)
+    assert state["epoch"] == 2 and TrainConfig.from_dict(state["config"]) == cfg
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_resume_continues_from_the_next_epoch_like_an_uninterrupted_run(tmp_path):
+    cfg = tiny_config(tmp_path / "data", epochs=3, lr_steps=[2])
+    straight = fit(cfg, str(tmp_path / "straight"), progress=False)
+
+    # interrupt after epoch 1: a callback that raises stops training with the checkpoint saved
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, str(tmp_path / "cut"), callbacks=[_stop_after(1)], progress=False)
+    after_cut = load_checkpoint(str(tmp_path / "cut" / CHECKPOINT_NAME))
+    assert after_cut["epoch"] == 1
+    momentum_before = [s["momentum_buffer"].clone() for s in after_cut["optimizer"]["state"].values()]
+    assert momentum_before, "SGD momentum buffers are part of the checkpoint"
+
+    seen = []
+    resumed = fit(cfg, str(tmp_path / "cut"), callbacks=[seen.append], progress=False)
+    assert [m["epoch"] for m in seen] == [2, 3]
+    assert [m["epoch"] for m in resumed["history"]] == [1, 2, 3]
+    for a, b in zip(straight["history"], resumed["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["lr"] == pytest.approx(b["lr"])
+    final_straight = load_checkpoint(str(tmp_path / "straight" / CHECKPOINT_NAME))["model"]
+    final_resumed = load_checkpoint(str(tmp_path / "cut" / CHECKPOINT_NAME))["model"]
+    for name, tensor in final_straight.items():
+        torch.testing.assert_close(final_resumed[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _stop_after(epoch):
+    def callback(metrics):
+        if metrics["epoch"] == epoch:
+            raise KeyboardInterrupt
+    return callback
+
+
+def test_a_diverging_run_raises_non_finite_loss(tmp_path):
+    cfg = tiny_config(tmp_path / "data", lr=1.0e6, grad_clip=None, warmup_iters=0, epochs=3)
+    with pytest.raises(NonFiniteLossError, match="lower the learning rate"):
+        fit(cfg, str(tmp_path / "run"), progress=False)
+
+
+def test_class_count_mismatch_is_a_config_error(tmp_path):
+    cfg = tiny_config(tmp_path / "data")
+    cfg = dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, num_classes=80))
+    with pytest.raises(ConfigError, match="num_classes: 6"):
+        fit(cfg, str(tmp_path / "run"), progress=False)
+
+
+def test_cuda_requested_without_a_gpu_is_a_config_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    cfg = tiny_config(tmp_path / "data", device="cuda")
+    with pytest.raises(ConfigError, match="schedule.device"):
+        fit(cfg, str(tmp_path / "run"), progress=False)
