@@ -91,6 +91,9 @@ class DetectorConfig:
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
+    # RetinaNet only: "group" puts GroupNorm(32) in the head's convs (torchvision's v2 head),
+    # which a backbone trained from scratch needs; "none" is the original RetinaNet head.
+    head_norm: Literal["none", "group"] = "none"
     iou_balanced_sampling: IoUBalancedSamplingConfig = field(default_factory=IoUBalancedSamplingConfig)
     balanced_feature_pyramid: BalancedFeaturePyramidConfig = field(
         default_factory=BalancedFeaturePyramidConfig
@@ -112,6 +115,8 @@ class DetectorConfig:
                 f"{where}.iou_balanced_sampling.enabled: RetinaNet has no sampling step; "
                 "set it to false (only the pyramid and the balanced L1 loss apply)"
             )
+        if self.head_norm == "group" and self.fpn_channels % 32:
+            raise ConfigError(f"{where}.head_norm: group needs fpn_channels divisible by 32, got {self.fpn_channels}")
         num_levels = 5  # P2..P6 for Faster R-CNN, P3..P7 for RetinaNet
         if len(self.anchor_sizes) != num_levels:
             raise ConfigError(f"{where}.anchor_sizes needs {num_levels} sizes, one per FPN level")

@@ -1,0 +1,250 @@
+"""`build_retinanet(cfg)`: Libra RetinaNet, the one-stage variant of the paper's Table 1.
+
+A one-stage detector has no sampling step, so only two of the three components apply: the
+Balanced Feature Pyramid after the FPN, and the balanced L1 loss for box regression. The model
+reads top to bottom as nested constructor calls:
+
+    LibraRetinaNet(                                  (torchvision's RetinaNet, see below)
+        backbone  = ResNet/tiny + FPN on C3..C5, P6/P7 from C5   [+ BalancedFeaturePyramid],
+        anchors   = 3 scales x 3 aspect ratios per level, torchvision's RetinaNet convention,
+        head      = RetinaNetHead (focal loss + L1) | BalancedL1RetinaNetHead (focal loss + balanced L1),
+        transform = resize to min_size/max_size + ImageNet normalisation)
+
+With both switches off this is torchvision's RetinaNet class, parameter for parameter and loss
+for loss; the neck is that of its retinanet_resnet50_fpn_v2 builder (P6 from C5), the head that of
+its v1 builder (no normalisation, L1 box loss).
+
+Settings that differ from the two-stage detector, and that a user must set (the builder never
+changes a configured value behind the user's back):
+- `balanced_feature_pyramid.refine_level`: the levels here are P3..P7, so the config's default 2 is
+  P5; the reference (mmdetection's Libra RetinaNet) integrates at P4, which is `refine_level: 1`.
+- `balanced_l1_loss.beta`: RetinaNet encodes box targets with weights (1, 1, 1, 1), ten times
+  coarser for the centre than the R-CNN head's (10, 10, 5, 5); the reference uses beta = 0.11
+  (see BalancedL1RetinaNetHead), where the two-stage detector uses 1.0.
+- Classes: `num_classes + 1` classifier outputs (see LibraRetinaNet).
+The RPN and R-CNN settings (rpn_*, roi_*, representation_size) have no meaning here and are unused.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch import Tensor
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from detectors.backbones import TinyConvNet, build_backbone
+from detectors.build import ASPECT_RATIOS, IMAGENET_MEAN, IMAGENET_STD, NUM_FPN_LEVELS, with_balanced_pyramid
+from detectors.config import DetectorConfig
+from detectors.losses import balanced_l1_loss
+
+__all__ = ["build_retinanet", "LibraRetinaNet", "LOSS_NAMES", "BalancedL1RetinaNetHead", "retinanet_anchor_sizes"]
+
+# Anchor scales per level, relative to the level's base size: 2^0, 2^(1/3), 2^(2/3) (RetinaNet paper).
+ANCHOR_SCALES = (1.0, 2 ** (1.0 / 3), 2 ** (2.0 / 3))
+
+
+# torchvision's RetinaNet names its losses "classification" and "bbox_regression"; the project's
+# contract (and the engine's logs) want `loss_*` keys, named like the two-stage head's.
+LOSS_NAMES = {"classification": "loss_classifier", "bbox_regression": "loss_box_reg"}
+
+
+class LibraRetinaNet(RetinaNet):
+    """torchvision's RetinaNet with `loss_*` loss names and no background detections.
+
+    Train mode returns {"loss_classifier" (focal loss), "loss_box_reg"}, torchvision's
+    "classification" and "bbox_regression" under the project's names (LOSS_NAMES).
+
+    Our datasets label objects 1..num_classes and keep 0 for background, as the R-CNN head
+    needs. torchvision's RetinaNet uses the label directly as the column of a sigmoid
+    (one-vs-all) classifier, so the model is built with num_classes + 1 outputs, as torchvision's
+    own COCO models are (91 outputs, some never used). Column 0 is only ever trained as a
+    negative, so its scores stay near zero; but nothing forbids one from passing score_thresh,
+    and a detection labelled 0 has no category to be evaluated as. So those are dropped here,
+    after torchvision's per-class NMS, which they cannot have influenced (NMS is per class).
+    Everything else, training included, is torchvision's code path.
+    """
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        result = super().forward(images, targets)
+        if self.training:
+            return {LOSS_NAMES.get(name, f"loss_{name}"): loss for name, loss in result.items()}
+        return result
+
+    def postprocess_detections(
+        self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]], image_shapes: list[tuple[int, int]]
+    ) -> list[dict[str, Tensor]]:
+        detections = super().postprocess_detections(head_outputs, anchors, image_shapes)
+        return [{key: value[det["labels"] > 0] for key, value in det.items()} for det in detections]
+
+
+class BalancedL1RetinaNetHead(RetinaNetHead):
+    """torchvision's RetinaNetHead with the box-regression loss replaced by the balanced L1 loss.
+
+    Parameters, initialisation and forward are RetinaNetHead's (the regression sub-head is
+    torchvision's own), so a checkpoint loads with the switch on or off, and the same seed gives
+    the same initial weights either way: an ablation compares the loss and nothing else.
+
+    Args:
+        in_channels: channels of every pyramid level.
+        num_anchors: anchors per location (9: three scales times three aspect ratios).
+        num_classes: classifier outputs, background column included (see LibraRetinaNet).
+        alpha, gamma, beta: the balanced L1 loss's settings (detectors.losses.balanced_l1_loss).
+
+    Units of beta. The loss sees the deltas of torchvision's RetinaNet box coder, weights
+    (1, 1, 1, 1): dx = (x_gt - x_anchor) / w_anchor (likewise dy with the height) and
+    dw = ln(w_gt / w_anchor) (likewise dh). beta is the residual at which the loss turns from
+    the log-shaped inlier branch to the linear outlier branch: beta = 0.11, the reference's
+    value (mmdetection's Libra RetinaNet, whose RetinaNet targets also have stds 1), means a
+    centre off by 11% of the anchor's side, or a side off by a factor e^0.11 = 1.12. In the R-CNN
+    head's units (weights 10, 10, 5, 5) that centre error is 1.1, so beta = 0.11 here sits where
+    beta = 1 sits for the two-stage detector. With the config's default beta = 1 nearly every
+    residual is an inlier and the loss's bounded outlier gradient never comes into play.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_anchors: int,
+        num_classes: int,
+        *,
+        alpha: float = 0.5,
+        gamma: float = 1.5,
+        beta: float = 0.11,
+        norm_layer: Optional[Callable[[int], nn.Module]] = None,
+    ) -> None:
+        super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
+        self.alpha = alpha
+        self.gamma = gamma
+        self.beta = beta
+
+    def compute_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        matched_idxs: list[Tensor],
+    ) -> dict[str, Tensor]:
+        return {
+            "classification": self.classification_head.compute_loss(targets, head_outputs, matched_idxs),
+            "bbox_regression": self.box_regression_loss(
+                targets, head_outputs["bbox_regression"], anchors, matched_idxs
+            ),
+        }
+
+    def box_regression_loss(
+        self,
+        targets: list[dict[str, Tensor]],
+        pred_deltas: Tensor,
+        anchors: list[Tensor],
+        matched_idxs: list[Tensor],
+    ) -> Tensor:
+        """Balanced L1 over the foreground anchors, normalised exactly as torchvision's L1.
+
+        Args:
+            targets: per image {"boxes": [G, 4] xyxy, ...} in the transformed image's pixels.
+            pred_deltas: [N, A_total, 4] predicted deltas for every anchor of every image.
+            anchors: per image [A_total, 4] xyxy.
+            matched_idxs: per image [A_total], the matched gt index, < 0 for background/ignored.
+
+        Per image the loss is summed over its foreground anchors' four deltas and divided by
+        max(1, its number of foreground anchors); the result is the mean over images. The
+        per-image normalisation keeps an image with many objects from outweighing the others,
+        and an image without foreground contributes exactly 0. (mmdetection divides by the
+        batch's total foreground count instead; kept as torchvision's so that only the loss
+        function differs between the switch's two settings.)
+        """
+        box_coder = self.regression_head.box_coder
+        losses = []
+        for targets_per_image, pred_per_image, anchors_per_image, matched_per_image in zip(
+            targets, pred_deltas, anchors, matched_idxs
+        ):
+            foreground = torch.where(matched_per_image >= 0)[0]  # [P]
+            gt_boxes = targets_per_image["boxes"][matched_per_image[foreground]]  # [P, 4]
+            target_deltas = box_coder.encode_single(gt_boxes, anchors_per_image[foreground])  # [P, 4]
+            loss = balanced_l1_loss(
+                pred_per_image[foreground], target_deltas,
+                alpha=self.alpha, gamma=self.gamma, beta=self.beta, reduction="sum",
+            )
+            losses.append(loss / max(1, foreground.numel()))
+        return sum(losses) / max(1, len(targets))
+
+    def extra_repr(self) -> str:
+        return f"balanced_l1: alpha={self.alpha}, gamma={self.gamma}, beta={self.beta}"
+
+
+def retinanet_anchor_sizes(base_sizes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Per level (x, x * 2^(1/3), x * 2^(2/3)) for each base size x, truncated to ints as
+    torchvision's RetinaNet does: (32, 64, ...) -> ((32, 40, 50), (64, 80, 101), ...)."""
+    return tuple(tuple(int(x * scale) for scale in ANCHOR_SCALES) for x in base_sizes)
+
+
+def build_retinanet(cfg: DetectorConfig) -> LibraRetinaNet:
+    """RetinaNet on cfg.backbone with the BFP and the balanced L1 loss as cfg switches them.
+
+    Train mode: model(images, targets) -> {"loss_classifier", "loss_box_reg"} (focal loss and
+    box loss, each averaged over images). Eval mode: model(images) -> per image {"boxes" [K, 4]
+    xyxy in input pixels, "labels" [K] in 1..num_classes, "scores" [K]}.
+    """
+    # FPN on C3..C5 (strides 8..32) plus P6/P7 (strides 64, 128), five levels as the BFP expects.
+    # P6 comes from C5, as in the RetinaNet paper, mmdetection (Libra RetinaNet included) and
+    # torchvision's retinanet_resnet50_fpn_v2 (its v1 takes P5).
+    extra_blocks = LastLevelP6P7(_c5_channels(cfg.backbone), cfg.fpn_channels)
+    # torchvision's block switches to P5 when C5 happens to have the FPN's width; keep C5 always,
+    # so the architecture does not change with fpn_channels.
+    extra_blocks.use_P5 = False
+    backbone = build_backbone(
+        cfg.backbone,
+        fpn_channels=cfg.fpn_channels,
+        pretrained=cfg.pretrained,
+        trainable_layers=cfg.trainable_backbone_layers,
+        returned_layers=(2, 3, 4),
+        extra_blocks=extra_blocks,
+    )
+    backbone = with_balanced_pyramid(backbone, cfg)  # refine_level as configured: 1 is P4 here
+
+    anchors = AnchorGenerator(
+        sizes=retinanet_anchor_sizes(cfg.anchor_sizes),
+        aspect_ratios=(ASPECT_RATIOS,) * NUM_FPN_LEVELS,
+    )
+    num_anchors = anchors.num_anchors_per_location()[0]
+    num_outputs = cfg.num_classes + 1  # column 0 is background, never a positive (see LibraRetinaNet)
+    loss_cfg = cfg.balanced_l1_loss
+    # GroupNorm(32) in the head's convs, as torchvision's v2 head: without it the head's small
+    # initial weights pass almost no signal from a backbone trained from scratch.
+    norm_layer = partial(nn.GroupNorm, 32) if cfg.head_norm == "group" else None
+    if loss_cfg.enabled:
+        head = BalancedL1RetinaNetHead(
+            backbone.out_channels, num_anchors, num_outputs,
+            alpha=loss_cfg.alpha, gamma=loss_cfg.gamma, beta=loss_cfg.beta, norm_layer=norm_layer,
+        )
+    else:
+        head = RetinaNetHead(backbone.out_channels, num_anchors, num_outputs, norm_layer=norm_layer)  # L1
+
+    # Matching stays torchvision's (and the paper's): IoU >= 0.5 foreground, < 0.4 background,
+    # every gt box keeps its best anchors; 1000 candidates per level before NMS.
+    return LibraRetinaNet(
+        backbone,
+        num_classes=num_outputs,
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        anchor_generator=anchors,
+        head=head,
+        score_thresh=cfg.box_score_thresh,
+        nms_thresh=cfg.box_nms_thresh,
+        detections_per_img=cfg.box_detections_per_img,
+    )
+
+
+def _c5_channels(backbone_name: str) -> int:
+    """Channels of the backbone's last stage (C5), which P6 is computed from."""
+    if backbone_name == "tiny":
+        return TinyConvNet.widths[-1]
+    # torchvision's BasicBlock ResNets end in 512 channels, the Bottleneck ones (ResNeXt and
+    # wide ResNets included) in 2048. An unknown name is build_backbone's ConfigError to raise.
+    return 512 if backbone_name in ("resnet18", "resnet34") else 2048
