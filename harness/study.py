@@ -1,0 +1,536 @@
+"""The driver: runs a study's trials on Ray, bounded, retried and resumable; the only writer to
+MLflow and Optuna.
+
+One loop for grids and searches: a source hands out (trial plan, Optuna trial) pairs while
+there is room; each trial is launched on Ray (harness.trial); the driver drains the epochs'
+metrics from the mailbox actor into MLflow and the Optuna trial (which may prune), and records
+each trial's end: finished, pruned, or failed after `max_retries` more attempts.
+
+Resume: trial identity is `TrialPlan.key`. A trial whose MLflow run is finished is never trained
+again; any other is relaunched with the same run id and the same `<work dir>/trials/<key>`
+folder, where `fit` picks up its last checkpoint. Optuna trials left RUNNING by a dead driver
+are failed as interrupted (and a search's are queued again) before anything new is asked.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Optional, Sequence, TextIO
+
+from detectors.config import ConfigError
+from harness import search
+from harness.errors import UserError
+from harness.progress import Progress
+from harness.spec import Study, TrialPlan, render_value, short_names
+from harness.tracking import Tracker, TrialRecord, trial_runs
+
+POLL_S = 0.5  # how often the driver drains epoch metrics and answers prune questions
+
+
+@dataclasses.dataclass
+class RunOptions:
+    work_dir: str
+    address: Optional[str] = None  # Ray cluster; None: RAY_ADDRESS, else a new local cluster
+    tracking_uri: Optional[str] = None
+    optuna_storage: Optional[str] = None
+    max_retries: Optional[int] = None  # None: the study's max_retries
+    argv: Sequence[str] = ()
+    stream: Optional[TextIO] = None  # None: sys.stdout at the time of the run
+
+
+def default_work_dir(study: Study) -> str:
+    return os.path.abspath(os.path.join("libra-work", study.name))
+
+
+# ------------------------------------------------------------------------------------------
+# Resources.
+# ------------------------------------------------------------------------------------------
+def plan_concurrency(study: Study, nodes: Sequence[dict[str, float]], where: str) -> int:
+    """How many trials run at once on a cluster whose alive nodes have `nodes` resources.
+
+    Raises UserError when one trial can never be placed (a worker larger than every node, or
+    a trial larger than the whole cluster).
+    """
+    res = study.spec.resources
+    need = {"CPU": float(res.cpus_per_worker)}
+    if res.gpus_per_worker:
+        need["GPU"] = float(res.gpus_per_worker)
+    totals = {name: sum(node.get(name, 0.0) for node in nodes) for name in need}
+    have = ", ".join(f"{totals[n]:g} {n}s" for n in need)
+    if not any(all(node.get(n, 0.0) >= amount for n, amount in need.items()) for node in nodes):
+        wanted = " + ".join(f"{amount:g} {n}" for n, amount in need.items())
+        raise UserError(f"{study.path}: resources: each worker needs {wanted}, which no node of "
+                        f"{where} has (it has {have} in all); lower resources.cpus_per_worker / "
+                        "gpus_per_worker or join a bigger cluster with --address")
+    slots = min(math.floor(totals[n] / (amount * res.workers)) for n, amount in need.items())
+    if slots < 1:
+        raise UserError(f"{study.path}: resources: a trial needs {res.workers} worker(s) x "
+                        f"{' + '.join(f'{a:g} {n}' for n, a in need.items())} but {where} has "
+                        f"{have}; lower resources.workers or join a bigger cluster with --address")
+    return min(slots, res.concurrency or slots)
+
+
+def _connect_ray(address: Optional[str]) -> tuple[bool, str]:
+    """Start or join Ray; returns (whether this call started it, a description)."""
+    import ray
+
+    if ray.is_initialized():
+        return False, "the Ray instance this process already runs"
+    address = address or os.environ.get("RAY_ADDRESS")
+    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address:
+        import detectors
+        import harness
+
+        try:
+            # Ship this checkout's code, so the cluster runs exactly what the driver validated.
+            ray.init(address=address, runtime_env={"py_modules": [detectors, harness]}, **common)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise UserError(f"cannot join the Ray cluster at {address}: {' '.join(str(err).split())[:200]}; "
+                            "check --address / RAY_ADDRESS or drop it to run locally") from None
+        return True, f"Ray cluster at {address}"
+    # A local cluster uses Ray's default token authentication; its notice about it is noise here.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    ray.init(address="local", object_store_memory=256 * 1024 ** 2, **common)
+    return True, "a local Ray cluster"
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def _quiet() -> None:
+    for name in ("ray", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------------------------
+# Where trials come from.
+# ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Running:
+    plan: TrialPlan
+    otrial: Any  # optuna.Trial
+    run_id: str
+    logged: set[int]
+    started: float
+    attempt: int = 1
+    ref: Any = None
+    stop: bool = False  # the pruner asked it to stop
+
+
+class _GridSource:
+    """A grid's trials in file order; finished ones (per MLflow) are skipped."""
+
+    def __init__(self, driver: "_Driver"):
+        self.driver = driver
+        self.plans = driver.study.trials()
+        self.total = len(self.plans)
+        completed = search.completed_keys(driver.ostudy)
+        self.pending: collections.deque[TrialPlan] = collections.deque()
+        self.already = 0
+        for plan in self.plans:
+            record = driver.records.get(plan.key)
+            if record is not None and record.state == "finished":
+                self.already += 1
+                if plan.key not in completed:  # the driver died between MLflow and Optuna
+                    otrial = self._ask(plan)
+                    search.tell_complete(driver.ostudy, otrial, record.metrics.get(driver.metric))
+            else:
+                self.pending.append(plan)
+
+    def _ask(self, plan: TrialPlan) -> Any:
+        otrial = self.driver.ostudy.ask()
+        search.pin(otrial, {**plan.params, "schedule.seed": plan.seed})
+        otrial.set_user_attr(search.KEY_ATTR, plan.key)
+        return otrial
+
+    def next(self) -> Optional[tuple[TrialPlan, Any]]:
+        if not self.pending:
+            return None
+        plan = self.pending.popleft()
+        return plan, self._ask(plan)
+
+    def keys(self) -> list[str]:
+        return [p.key for p in self.plans]
+
+
+class _SearchSource:
+    """Optuna proposes; a proposal already measured (same key) is answered from MLflow."""
+
+    def __init__(self, driver: "_Driver"):
+        self.driver = driver
+        self.total = driver.study.spec.search.num_trials
+        self.already = min(search.counted_trials(driver.ostudy), self.total)
+        self.seed = driver.study.seeds[0]
+
+    def next(self) -> Optional[tuple[TrialPlan, Any]]:
+        driver = self.driver
+        while True:
+            in_flight = len(driver.by_key) + sum(len(v) for v in driver.parked.values())
+            if search.counted_trials(driver.ostudy) + in_flight >= self.total:
+                return None
+            otrial = driver.ostudy.ask()
+            params = search.suggest(otrial, driver.study)
+            try:
+                plan = driver.study.make_trial(params, self.seed)
+            except ConfigError as err:  # a combination the config rejects: a failed proposal
+                search.tell_failed(driver.ostudy, otrial, str(err))
+                driver.counts["failed"] += 1
+                driver.failures.append((str(params), str(err)))
+                driver.progress.failed_trial(str(params), str(err), ran=False)
+                continue
+            otrial.set_user_attr(search.KEY_ATTR, plan.key)
+            record = driver.records.get(plan.key)
+            if plan.key in driver.by_key:  # the same configuration is training right now
+                driver.parked[plan.key].append(otrial)
+                continue
+            if record is not None and record.state in ("finished", "pruned"):
+                driver.answer_from_record(plan, otrial, record)
+                continue
+            return plan, otrial
+
+    def keys(self) -> list[str]:
+        keys = []
+        for frozen in self.driver.ostudy.get_trials(deepcopy=False):
+            key = frozen.user_attrs.get(search.KEY_ATTR)
+            if key is not None and key not in keys:
+                keys.append(key)
+        return keys
+
+
+# ------------------------------------------------------------------------------------------
+# The driver.
+# ------------------------------------------------------------------------------------------
+class _Driver:
+    def __init__(self, study: Study, opts: RunOptions, work_dir: str, tracker: Tracker,
+                 ostudy: Any, concurrency: int):
+        self.study = study
+        self.opts = opts
+        self.work_dir = work_dir
+        self.tracker = tracker
+        self.ostudy = ostudy
+        self.concurrency = concurrency
+        self.metric = study.metric
+        self.max_retries = study.spec.max_retries if opts.max_retries is None else opts.max_retries
+        self.prunable = (study.spec.search is not None and study.spec.search.pruner.name != "none")
+        self.records: dict[str, TrialRecord] = tracker.existing_trials()
+        self.by_key: dict[str, _Running] = {}
+        self.refs: dict[Any, _Running] = {}
+        self.parked: dict[str, list[Any]] = collections.defaultdict(list)
+        self.counts = {"finished": 0, "failed": 0, "pruned": 0}
+        self.failures: list[tuple[str, str]] = []
+        self.mailbox = None
+        self.progress: Progress = None  # type: ignore[assignment]
+        self.out = opts.stream or sys.stdout
+
+    # The loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        import ray
+
+        from harness.trial import Mailbox
+
+        self.mailbox = Mailbox.remote()
+        self.tracker.start_parent(self.work_dir, self.opts.argv)
+        source = _GridSource(self) if self.study.kind == "grid" else _SearchSource(self)
+        self.progress = Progress(source.total, self.metric, self.study.direction,
+                                 stream=self.out)
+        self.progress.skipped(source.already, "already done in an earlier run (not trained again)")
+        try:
+            self._loop(source)
+        except KeyboardInterrupt:
+            self._interrupt()
+            self.progress.close()
+            self.tracker.end_parent("KILLED", self._parent_counts(source), self.progress.best)
+            raise
+        finally:
+            ray.kill(self.mailbox)
+        self.progress.close()
+        status = "FAILED" if self.counts["failed"] else "FINISHED"
+        self.tracker.end_parent(status, self._parent_counts(source), self.progress.best)
+        self._report(source)
+        return 1 if self.counts["failed"] else 0
+
+    def _loop(self, source: Any) -> None:
+        import ray
+
+        while True:
+            while len(self.by_key) < self.concurrency:
+                nxt = source.next()
+                if nxt is None:
+                    break
+                self._launch(*nxt)
+            if not self.refs:
+                return
+            ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=POLL_S)
+            self._pump()
+            for ref in ready:
+                self._collect(ref)
+
+    def _launch(self, plan: TrialPlan, otrial: Any) -> None:
+        record = self.records.get(plan.key)
+        run_id = self.tracker.open_trial(plan, record, otrial.number)
+        logged = self.tracker.logged_epochs(run_id) if record is not None else {}
+        for epoch, metrics in sorted(logged.items()):  # the pruner sees the earlier epochs too
+            value = metrics.get(self.metric)
+            if value is not None and math.isfinite(value):
+                otrial.report(value, epoch)
+        running = _Running(plan, otrial, run_id, set(logged), time.monotonic())
+        self.by_key[plan.key] = running
+        self.progress.started(plan.label, 1)
+        self._start_attempt(running)
+
+    def _start_attempt(self, running: _Running) -> None:
+        from harness.trial import launch
+
+        res = self.study.spec.resources
+        payload = {
+            "trial_key": running.plan.key, "attempt": running.attempt,
+            "config": running.plan.config.to_dict(),
+            "out_dir": os.path.join(self.work_dir, "trials", running.plan.key),
+            "num_threads": res.cpus_per_worker, "workers": res.workers,
+            "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
+            "ray_storage": os.path.join(self.work_dir, "ray"), "mailbox": self.mailbox,
+            "prunable": self.prunable,
+        }
+        running.ref = launch(payload)
+        self.refs[running.ref] = running
+
+    def _pump(self) -> None:
+        """Epoch metrics -> MLflow and Optuna; answer the workers that wait for a verdict."""
+        import ray
+
+        for key, attempt, metrics in ray.get(self.mailbox.drain.remote()):
+            running = self.by_key.get(key)
+            if running is None:
+                continue
+            epoch = int(metrics["epoch"])
+            if epoch not in running.logged:
+                running.logged.add(epoch)
+                self.tracker.log_epoch(running.run_id, metrics)
+                value = metrics.get(self.metric)
+                if value is not None and math.isfinite(value):
+                    running.otrial.report(value, epoch)
+                self.progress.epoch(running.plan.label, metrics, running.plan.config.schedule.epochs)
+            if self.prunable:
+                running.stop = running.stop or running.otrial.should_prune()
+                self.mailbox.answer.remote(key, attempt, epoch, running.stop)
+
+    def _collect(self, ref: Any) -> None:
+        import ray
+
+        from harness.trial import failure_reason
+
+        running = self.refs.pop(ref)
+        try:
+            outcome = ray.get(ref)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # the trial's own error, or its worker died
+            reason = failure_reason(err)
+            if running.attempt <= self.max_retries:
+                running.attempt += 1
+                self.progress.retrying(running.plan.label, running.attempt - 1, reason)
+                self._start_attempt(running)
+            else:
+                self._fail(running, reason)
+            return
+        if outcome["status"] == "pruned":
+            self._prune(running)
+        else:
+            self._finish(running, outcome["result"])
+
+    # Trial ends ----------------------------------------------------------------------------
+    def _finish(self, running: _Running, result: dict) -> None:
+        for metrics in result.get("history") or []:  # epochs whose message was lost (resume)
+            if int(metrics["epoch"]) not in running.logged:
+                running.logged.add(int(metrics["epoch"]))
+                self.tracker.log_epoch(running.run_id, metrics)
+        final = result.get("final") or {}
+        self.tracker.finish_trial(running.run_id, result, time.monotonic() - running.started,
+                                  running.attempt)
+        value = final.get(self.metric)
+        search.tell_complete(self.ostudy, running.otrial, value)
+        record = TrialRecord(running.run_id, "finished", dict(final))
+        self._done(running, record, "finished", value)
+
+    def _prune(self, running: _Running) -> None:
+        self.tracker.end_trial(running.run_id, "pruned", attempts=running.attempt)
+        search.tell_pruned(self.ostudy, running.otrial)
+        self._done(running, TrialRecord(running.run_id, "pruned", {}), "pruned", None)
+
+    def _fail(self, running: _Running, reason: str) -> None:
+        self.tracker.end_trial(running.run_id, "failed", attempts=running.attempt, reason=reason)
+        search.tell_failed(self.ostudy, running.otrial, reason)
+        self.records[running.plan.key] = TrialRecord(running.run_id, "failed", {})
+        del self.by_key[running.plan.key]
+        self.counts["failed"] += 1
+        self.failures.append((running.plan.label, reason))
+        self.progress.failed_trial(running.plan.label, reason)
+        for otrial in self.parked.pop(running.plan.key, []):
+            search.tell_failed(self.ostudy, otrial, f"same configuration as a failed trial: {reason}")
+            self.counts["failed"] += 1
+            self.progress.failed_trial(f"{running.plan.label} (a duplicate)", reason, ran=False)
+
+    def _done(self, running: _Running, record: TrialRecord, state: str,
+              value: Optional[float]) -> None:
+        self.records[running.plan.key] = record
+        del self.by_key[running.plan.key]
+        self.counts[state] += 1
+        self.progress.finished(running.plan.label, value, state)
+        for otrial in self.parked.pop(running.plan.key, []):
+            self.answer_from_record(running.plan, otrial, record)
+
+    def answer_from_record(self, plan: TrialPlan, otrial: Any, record: TrialRecord) -> None:
+        """Tell Optuna a result MLflow already holds for this configuration (no training)."""
+        if record.state == "finished":
+            value = record.metrics.get(self.metric)
+            search.tell_complete(self.ostudy, otrial, value)
+            self.counts["finished"] += 1
+            self.progress.finished(f"{plan.label} (measured before)", value, ran=False)
+        else:
+            search.tell_pruned(self.ostudy, otrial)
+            self.counts["pruned"] += 1
+            self.progress.finished(f"{plan.label} (pruned before)", None, "pruned", ran=False)
+
+    def _interrupt(self) -> None:
+        import ray
+
+        requeue = self.study.kind == "search"
+        for running in self.by_key.values():
+            self.tracker.end_trial(running.run_id, "interrupted", attempts=running.attempt)
+            search.mark_interrupted(self.ostudy, running.otrial,
+                                    running.otrial.params if requeue else {})
+            if running.ref is not None:
+                ray.cancel(running.ref, force=True)
+        for otrials in self.parked.values():
+            for otrial in otrials:
+                search.mark_interrupted(self.ostudy, otrial, otrial.params if requeue else {})
+        self.progress.interrupted(len(self.by_key))
+
+    # The end -------------------------------------------------------------------------------
+    def _parent_counts(self, source: Any) -> dict[str, int]:
+        return {"total": source.total, **self.counts}
+
+    def _report(self, source: Any) -> None:
+        from harness.summary import comparison_table
+
+        out = self.out
+        frame = trial_runs(self.tracker.uri, self.tracker.experiment_name, source.keys())
+        done = source.already + sum(self.counts.values())
+        print(f"\n{self.study.name}: {done}/{source.total} trials done: "
+              f"{source.already} from earlier runs, {self.counts['finished']} finished now, "
+              f"{self.counts['pruned']} pruned, {self.counts['failed']} failed", file=out)
+        for label, reason in self.failures:
+            print(f"  failed: {label}: {reason}", file=out)
+        if self.progress.best is not None:
+            print(f"  best {self.metric}: {self.progress.best:.4f} ({self.progress.best_label})",
+                  file=out)
+        print("", file=out)
+        print(comparison_table(frame, self.study), file=out)
+        print(f"\nMLflow: {self.tracker.uri} (experiment {self.tracker.experiment_name!r}); "
+              f"browse with: mlflow ui --backend-store-uri {self.tracker.uri}", file=out)
+        if self.counts["failed"]:
+            print(f"{self.counts['failed']} trial(s) failed; fix the cause and re-run the same "
+                  "command to retry them (finished trials are kept)", file=out)
+
+
+# ------------------------------------------------------------------------------------------
+# Entry points.
+# ------------------------------------------------------------------------------------------
+def run_study(study: Study, opts: RunOptions) -> int:
+    """Run (or resume) a study; returns 0 when every trial finished or was pruned, else 1."""
+    _quiet()
+    work_dir = os.path.abspath(opts.work_dir)
+    os.makedirs(work_dir, exist_ok=True)
+    tracker = Tracker(study, work_dir, opts.tracking_uri)
+    storage_url = opts.optuna_storage or study.spec.tracking.optuna_storage
+    ostudy = search.open_study(study, work_dir, storage_url)
+    recovered = search.recover_interrupted(ostudy, requeue=study.kind == "search")
+    started, where = _connect_ray(opts.address)
+    previous_term = signal.getsignal(signal.SIGTERM)
+    try:
+        concurrency = plan_concurrency(study, _alive_nodes(), where)
+        out = opts.stream or sys.stdout
+        res = study.spec.resources
+        print(f"libra run: {study.name} ({study.kind}), {res.describe()} per trial, "
+              f"up to {concurrency} at once on {where}", file=out)
+        print(f"  work dir  {work_dir}", file=out)
+        print(f"  MLflow    {tracker.uri} (experiment {tracker.experiment_name!r})", file=out)
+        print(f"  Optuna    {storage_url or os.path.join(work_dir, 'optuna.journal')} "
+              f"(study {study.name!r})", file=out)
+        if recovered:
+            print(f"  resuming: {len(recovered)} trial(s) a stopped run left unfinished", file=out)
+        if threading_main():
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+        driver = _Driver(study, opts, work_dir, tracker, ostudy, concurrency)
+        return driver.run()
+    finally:
+        if threading_main():
+            signal.signal(signal.SIGTERM, previous_term)
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def describe(study: Study, opts: RunOptions) -> str:
+    """The --dry-run text: the trials and their resources; touches no store and starts nothing."""
+    import pandas as pd
+
+    res = study.spec.resources
+    cpus = os.cpu_count() or 1
+    local = max(1, cpus // res.cpus_per_trial) if res.gpus_per_worker == 0 else None
+    concurrency = res.concurrency if local is None else min(res.concurrency or local, local)
+    lines = [f"study {study.name} ({study.kind}) from {study.path}"]
+    if study.spec.description:
+        lines.append(f"  {study.spec.description}")
+    lines.append(f"resources: {res.describe()} per trial = {res.cpus_per_trial} CPU"
+                 + (f" + {res.gpus_per_trial:g} GPU" if res.gpus_per_worker else "")
+                 + f"; concurrency {res.concurrency or 'as many as fit'}"
+                 + (f" (here: {concurrency} on {cpus} CPUs)" if local is not None else ""))
+    lines.append(f"retries: {study.spec.max_retries if opts.max_retries is None else opts.max_retries}"
+                 f" per trial; work dir {os.path.abspath(opts.work_dir)}")
+    if study.kind == "grid":
+        trials = study.trials()
+        lines.append(f"{len(trials)} trials:")
+        from harness.summary import COMPONENTS
+
+        short = short_names(study.varied_keys)
+        titles = {k: COMPONENTS.get(k, short[k]) for k in study.varied_keys}
+        table = pd.DataFrame([{"#": i, "trial_key": t.key,
+                               **{titles[k]: render_value(t.params[k]) if k in t.params else "-"
+                                  for k in study.varied_keys},
+                               "seed": t.seed, "epochs": t.config.schedule.epochs}
+                              for i, t in enumerate(trials)])
+        lines.append(table.to_markdown(index=False))
+    else:
+        spec = study.spec.search
+        lines.append(f"{spec.num_trials} trials proposed by {spec.sampler.name}, pruner "
+                     f"{spec.pruner.name}, {spec.direction} {spec.metric} (seed {study.seeds[0]})")
+        table = pd.DataFrame([{"key": k, **d.model_dump(exclude_none=True)}
+                              for k, d in spec.space.items()])
+        lines.append(table.to_markdown(index=False))
+        for i, params in enumerate(spec.first_trials):
+            shown = ", ".join(f"{k}={v}" for k, v in params.items())
+            lines.append(f"first trial {i}: {shown}")
+    return "\n".join(lines)
+

@@ -1,0 +1,349 @@
+"""MLflow: where a study's runs are recorded, and the names a report can rely on.
+
+Only the driver writes (through one MlflowClient); trials stream their metrics to it.
+
+Store. `--tracking-uri URI` (or the study's `tracking.uri`), else an embedded SQLite file at
+`sqlite:////<work dir>/mlflow.db` (an absolute URI), with artifacts under `<work dir>/mlartifacts`.
+The driver creates the database and the experiment before any trial starts.
+
+Schema (`libra report` and `trial_runs` below read exactly these names):
+
+Experiment: the study's `name` (or `tracking.experiment`).
+
+Parent run, one per invocation of `libra run` (run name `<study>-<UTC timestamp>`):
+    tags     libra.role = "study", libra.study, libra.kind = "grid" | "search",
+             libra.study_file (absolute path), libra.work_dir, libra.command (the argv),
+             libra.git_commit, libra.git_dirty = "true" | "false",
+             libra.version.{python,torch,torchvision,ray,optuna,mlflow}
+    metrics  trials_total, trials_finished, trials_failed, trials_pruned,
+             best_<metric> (e.g. best_bbox_mAP), logged when the invocation ends
+    artifact study.yaml (the study after --set overrides)
+    status   FINISHED; FAILED when a trial failed; KILLED when interrupted
+
+Child run, one per trial (nested: tag mlflow.parentRunId = the parent that created it; a
+resumed trial keeps its run, and so its first parent). Run name: the trial's label.
+    params   every dotted key of the trial's full config (detector.*, data.*, schedule.*, as in
+             detectors.config.TrainConfig.to_dict) plus resources.workers,
+             resources.cpus_per_worker, resources.gpus_per_worker. Values are text: strings bare,
+             everything else JSON (true, 0.5, null, [8, 11]); read them back with yaml.safe_load.
+    tags     libra.role = "trial", libra.study, libra.trial_key, libra.label,
+             libra.params (JSON object: the dotted keys this trial varies -> values),
+             libra.seed, libra.arch, libra.backbone,
+             libra.flag.iou_balanced_sampling, libra.flag.balanced_feature_pyramid,
+             libra.flag.balanced_l1_loss  ("true" | "false"),
+             libra.trial_state = running | finished | failed | pruned | interrupted,
+             libra.failure_reason (failed only), libra.attempts (attempts of the last invocation),
+             libra.optuna_trial (the Optuna trial number), libra.git_commit, libra.version.*
+    metrics  per epoch, step = epoch (1-based): every number the engine reports, i.e. loss,
+             loss_* (the model's loss terms), lr, sec_per_iter, train_images_per_sec,
+             peak_memory_mb, epoch_seconds, and on evaluated epochs eval_seconds,
+             eval_images_per_sec, bbox_mAP, bbox_mAP_50, bbox_mAP_75, bbox_mAP_s, bbox_mAP_m,
+             bbox_mAP_l, bbox_AR_1, bbox_AR_10, bbox_AR_100 (fractions, not percent; may be NaN).
+             Once, at the end of a finished trial (step = last epoch): total_train_seconds,
+             total_eval_seconds, mean_sec_per_iter, max_peak_memory_mb, trial_wall_seconds.
+    artifacts eval_summary.txt (COCOeval's summary), metrics.json ({"final", "history"}),
+             per_class_AP.json ({class name: AP}), config.yaml (the trial's full config)
+    status   FINISHED (finished), FAILED (failed), KILLED (pruned or interrupted), RUNNING
+
+Resume: a trial whose run is tagged finished is not run again; any other run with the same
+libra.trial_key is reused (its status set back to RUNNING), so MLflow never holds duplicates.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import logging
+import os
+import pathlib
+import platform
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import yaml
+
+from harness.errors import UserError
+from harness.spec import Study, TrialPlan, flatten, render_value
+
+ROLE = "libra.role"
+STATE = "libra.trial_state"
+KEY = "libra.trial_key"
+FLAGS = ("iou_balanced_sampling", "balanced_feature_pyramid", "balanced_l1_loss")
+
+_STATUS = {"finished": "FINISHED", "failed": "FAILED", "pruned": "KILLED", "interrupted": "KILLED"}
+
+
+def default_uri(work_dir: str) -> str:
+    """The embedded store: an absolute SQLite URI (a relative one breaks when cwd changes)."""
+    return "sqlite:///" + os.path.abspath(os.path.join(work_dir, "mlflow.db"))
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, in one line, when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+            response.read()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(f"cannot reach MLflow tracking server at {uri}: {reason}; "
+                        "start it or drop --tracking-uri") from None
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, str]:
+    """Git commit of the code and library versions, as tags."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    tags = {"libra.git_commit": "unknown", "libra.git_dirty": "unknown"}
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode == 0:
+            tags["libra.git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10)
+            tags["libra.git_dirty"] = "true" if dirty.stdout.strip() else "false"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    tags["libra.version.python"] = platform.python_version()
+    for dist in ("torch", "torchvision", "ray", "optuna", "mlflow"):
+        try:
+            tags[f"libra.version.{dist}"] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            tags[f"libra.version.{dist}"] = "missing"
+    return tags
+
+
+@dataclass
+class TrialRecord:
+    """What MLflow already holds about a trial (from an earlier invocation)."""
+
+    run_id: str
+    state: str  # libra.trial_state
+    metrics: dict[str, float]  # latest values
+
+
+class Tracker:
+    """The driver's MLflow writer for one study invocation."""
+
+    def __init__(self, study: Study, work_dir: str, uri: Optional[str] = None):
+        from mlflow import MlflowClient
+
+        # MLflow logs each schema migration of a new SQLite store at INFO: not news to a user.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self.study = study
+        self.uri = uri or study.spec.tracking.uri or default_uri(work_dir)
+        self.experiment_name = study.spec.tracking.experiment or study.name
+        check_reachable(self.uri)
+        os.makedirs(work_dir, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        try:
+            self.experiment_id = self._experiment(work_dir)
+        except Exception as err:  # an unusable database or server: one line, not a traceback
+            raise UserError(f"cannot use MLflow tracking store {self.uri}: "
+                            f"{' '.join(str(err).split())[:300]}") from None
+        self.parent_id: Optional[str] = None
+
+    def _experiment(self, work_dir: str) -> str:
+        found = self.client.get_experiment_by_name(self.experiment_name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:"):
+            location = pathlib.Path(work_dir, "mlartifacts").resolve().as_uri()
+        return self.client.create_experiment(self.experiment_name, artifact_location=location,
+                                             tags={"libra.study": self.study.name})
+
+    # ---------------------------------------------------------------------------------------
+    # The parent run.
+    # ---------------------------------------------------------------------------------------
+    def start_parent(self, work_dir: str, argv: Sequence[str]) -> str:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        tags = {ROLE: "study", "libra.study": self.study.name, "libra.kind": self.study.kind,
+                "libra.study_file": self.study.path, "libra.work_dir": work_dir,
+                "libra.command": " ".join(argv)[:4000], **provenance()}
+        run = self.client.create_run(self.experiment_id, tags=tags,
+                                     run_name=f"{self.study.name}-{stamp}")
+        self.parent_id = run.info.run_id
+        self.client.log_text(self.parent_id, yaml.safe_dump(self.study.mapping, sort_keys=False),
+                             "study.yaml")
+        return self.parent_id
+
+    def end_parent(self, status: str, counts: Mapping[str, int], best: Optional[float]) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        metrics = [Metric(f"trials_{name}", float(value), now, 0) for name, value in counts.items()]
+        if best is not None:
+            metrics.append(Metric(f"best_{self.study.metric}", float(best), now, 0))
+        self.client.log_batch(self.parent_id, metrics=metrics)
+        self.client.set_terminated(self.parent_id, status)
+
+    # ---------------------------------------------------------------------------------------
+    # Child runs.
+    # ---------------------------------------------------------------------------------------
+    def existing_trials(self) -> dict[str, TrialRecord]:
+        """trial_key -> the latest run recorded for it in this experiment."""
+        from mlflow.entities import ViewType
+
+        records: dict[str, TrialRecord] = {}
+        page_token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{ROLE}` = 'trial'",
+                run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                order_by=["attributes.start_time ASC"], page_token=page_token)
+            for run in page:
+                key = run.data.tags.get(KEY)
+                if key is None:
+                    continue
+                record = TrialRecord(run.info.run_id, run.data.tags.get(STATE, "running"),
+                                     dict(run.data.metrics))
+                previous = records.get(key)
+                if previous is None or previous.state != "finished":
+                    records[key] = record
+            page_token = page.token
+            if not page_token:
+                return records
+
+    def open_trial(self, plan: TrialPlan, existing: Optional[TrialRecord],
+                   optuna_number: Optional[int] = None) -> str:
+        """The trial's run: reuse the one an earlier invocation left, else a new child run."""
+        from mlflow.entities import Param
+
+        tags = {STATE: "running", "libra.optuna_trial": optuna_number}
+        if existing is not None:
+            run_id = existing.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            run = self.client.get_run(run_id)
+            if "libra.failure_reason" in run.data.tags:
+                self.client.delete_tag(run_id, "libra.failure_reason")
+            self.set_tags(run_id, tags)
+            return run_id
+        cfg = plan.config
+        tags.update({
+            ROLE: "trial", "libra.study": self.study.name, KEY: plan.key, "libra.label": plan.label,
+            "libra.params": json.dumps(plan.params, sort_keys=True), "libra.seed": plan.seed,
+            "libra.arch": cfg.detector.arch, "libra.backbone": cfg.detector.backbone,
+            "mlflow.parentRunId": self.parent_id, **provenance(),
+        })
+        for name, on in cfg.detector.component_flags.items():
+            tags[f"libra.flag.{name}"] = "true" if on else "false"
+        run = self.client.create_run(self.experiment_id, run_name=plan.label[:250],
+                                     tags={k: _tag(v) for k, v in tags.items() if v is not None})
+        run_id = run.info.run_id
+        res = self.study.spec.resources
+        params = flatten(cfg.to_dict())
+        params.update({"resources.workers": res.workers,
+                       "resources.cpus_per_worker": res.cpus_per_worker,
+                       "resources.gpus_per_worker": res.gpus_per_worker})
+        items = [Param(k, render_value(v)[:6000]) for k, v in sorted(params.items())]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[start:start + 100])
+        self.client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+        return run_id
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, _tag(v)) for k, v in tags.items() if v is not None]
+        if items:
+            self.client.log_batch(run_id, tags=items)
+
+    def logged_epochs(self, run_id: str) -> dict[int, dict[str, float]]:
+        """epoch -> the metrics logged at that step (what an earlier invocation recorded)."""
+        run = self.client.get_run(run_id)
+        out: dict[int, dict[str, float]] = {}
+        for name in run.data.metrics:
+            for m in self.client.get_metric_history(run_id, name):
+                if m.step > 0:
+                    out.setdefault(int(m.step), {})[name] = m.value
+        return out
+
+    def log_epoch(self, run_id: str, metrics: Mapping[str, Any]) -> None:
+        """One epoch's metrics from the engine, at step = epoch."""
+        from mlflow.entities import Metric
+
+        epoch = int(metrics["epoch"])
+        now = _now_ms()
+        items = [Metric(name, float(value), now, epoch) for name, value in metrics.items()
+                 if name != "epoch" and _is_number(value)]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+
+    def finish_trial(self, run_id: str, result: Mapping[str, Any], wall_seconds: float,
+                     attempts: int) -> None:
+        """Summary metrics, artifacts and the finished state of a trial that trained to the end."""
+        from mlflow.entities import Metric
+
+        history = list(result.get("history") or [])
+        last_epoch = int(history[-1]["epoch"]) if history else 0
+        totals = {
+            "total_train_seconds": sum(h.get("epoch_seconds", 0.0) for h in history),
+            "total_eval_seconds": sum(h.get("eval_seconds", 0.0) for h in history
+                                      if _is_number(h.get("eval_seconds"))),
+            "trial_wall_seconds": wall_seconds,
+        }
+        iters = [h["sec_per_iter"] for h in history if _is_number(h.get("sec_per_iter"))]
+        if iters:
+            totals["mean_sec_per_iter"] = sum(iters) / len(iters)
+        peaks = [h["peak_memory_mb"] for h in history if _is_number(h.get("peak_memory_mb"))]
+        if peaks:
+            totals["max_peak_memory_mb"] = max(peaks)
+        now = _now_ms()
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, last_epoch)
+                                               for k, v in totals.items()])
+        self.client.log_text(run_id, str(result.get("eval_summary", "")), "eval_summary.txt")
+        self.client.log_dict(run_id, {"final": result.get("final"), "history": history},
+                             "metrics.json")
+        self.client.log_dict(run_id, dict(result.get("per_class_AP") or {}), "per_class_AP.json")
+        self.end_trial(run_id, "finished", attempts=attempts)
+
+    def end_trial(self, run_id: str, state: str, *, attempts: Optional[int] = None,
+                  reason: Optional[str] = None) -> None:
+        """Tag and terminate a trial's run: finished | failed | pruned | interrupted."""
+        tags = {STATE: state, "libra.attempts": attempts}
+        if reason:
+            tags["libra.failure_reason"] = " ".join(reason.split())[:4000]
+        self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, _STATUS[state])
+
+
+def trial_runs(uri: str, experiment: str, trial_keys: Optional[Iterable[str]] = None):
+    """A study's child runs as a pandas DataFrame (mlflow.search_runs' columns:
+    `params.*` as text, `metrics.*` latest values, `tags.*`), optionally only `trial_keys`."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        frame = mlflow.search_runs(experiment_names=[experiment],
+                                   filter_string=f"tags.`{ROLE}` = 'trial'")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    if trial_keys is not None and len(frame):
+        frame = frame[frame[f"tags.{KEY}"].isin(set(trial_keys))]
+    return frame.reset_index(drop=True)
+
+
+def _tag(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
