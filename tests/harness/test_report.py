@@ -1,0 +1,500 @@
+"""`libra report`: a real MLflow store, filled through the driver's own writer (harness.tracking.
+Tracker) with known trials, gives exactly the expected means, stds, deltas and Welch intervals;
+failed, pruned and running trials are listed and never averaged; markdown, CSV and LaTeX show
+the same numbers; the plots are written; the command fails in one line when it cannot report.
+"""
+import csv
+import io
+import math
+import re
+import time
+
+import pytest
+import yaml
+from scipy import stats
+
+from harness import plots, report
+from harness.cli import main
+from harness.spec import load_study
+from harness.tracking import Tracker, trial_runs
+
+IOU = "detector.iou_balanced_sampling.enabled"
+BFP = "detector.balanced_feature_pyramid.enabled"
+ALPHA = "detector.balanced_l1_loss.alpha"
+GAMMA = "detector.balanced_l1_loss.gamma"
+
+BASE = {
+    "detector": {"backbone": "tiny", "num_classes": 3, "min_size": 64, "max_size": 64,
+                 "balanced_l1_loss": {"enabled": False}},
+    "data": {"kind": "synthetic"},
+    "schedule": {"epochs": 2},
+}
+ABLATION = {
+    "name": "toy-ablation", **BASE,
+    "grid": {IOU: [False, True], BFP: [False, True]},
+    "seeds": [0, 1, 2, 3],
+    "reference": [
+        {"label": "baseline", "match": {IOU: False, BFP: False},
+         "metrics": {"bbox_mAP": 0.359, "bbox_mAP_50": 0.580}},
+        {"label": "+ IoU-balanced sampling", "match": {IOU: True, BFP: False},
+         "metrics": {"bbox_mAP": 0.368, "bbox_mAP_50": 0.580}},
+    ],
+}
+SEARCH = {
+    "name": "toy-search", **BASE,
+    "search": {"space": {ALPHA: {"type": "float", "low": 0.1, "high": 1.0},
+                         GAMMA: {"type": "float", "low": 0.5, "high": 2.0}},
+               "num_trials": 4, "metric": "bbox_mAP", "pruner": "none"},
+}
+
+A = {IOU: False, BFP: False}  # the baseline: every component off (BL1 is off in the base)
+B = {IOU: True, BFP: False}
+C = {IOU: False, BFP: True}
+D = {IOU: True, BFP: True}
+# (configuration, seed, final bbox_mAP, state). Failed, pruned and running trials log an
+# absurd first-epoch mAP: averaging any of them in would move a mean visibly.
+TRIALS = [
+    (A, 0, 0.30, "finished"), (A, 1, 0.31, "finished"), (A, 2, 0.32, "finished"),
+    (B, 0, 0.33, "finished"), (B, 1, 0.34, "finished"), (B, 2, 0.35, "finished"),
+    (B, 3, 0.90, "pruned"),
+    (C, 0, 0.30, "finished"), (C, 1, 0.32, "finished"), (C, 2, 0.34, "finished"),
+    (D, 0, 0.36, "finished"), (D, 1, 0.95, "failed"), (D, 2, 0.97, "running"),
+]
+OOM = "RuntimeError: CUDA out of memory (tried to allocate 2.00 GiB)"
+# Search trials: (alpha, gamma, final bbox_mAP, state)
+SEARCH_TRIALS = [(0.5, 1.5, 0.372, "finished"), (0.2, 1.0, 0.367, "finished"),
+                 (0.3, 1.0, 0.365, "finished"), (0.9, 0.6, 0.99, "pruned")]
+
+
+def epochs(final, seed):
+    """Two epochs of engine metrics ending at `final` bbox_mAP; APs is NaN for seed 2 (a set
+    without small objects gives NaN), so APs has n = 2 where AP has n = 3."""
+    out = []
+    for epoch, value in ((1, final - 0.05), (2, final)):
+        out.append({
+            "epoch": epoch, "loss": 1.0 / epoch, "lr": 0.01, "sec_per_iter": 0.4 + 0.2 * epoch,
+            "train_images_per_sec": 7.0, "peak_memory_mb": 100.0 * epoch + seed,
+            "epoch_seconds": 5.0, "eval_seconds": 1.0, "eval_images_per_sec": 40.0 + epoch,
+            "bbox_mAP": value, "bbox_mAP_50": value + 0.2, "bbox_mAP_75": value - 0.05,
+            "bbox_mAP_s": math.nan if seed == 2 else value - 0.1, "bbox_mAP_m": value,
+            "bbox_mAP_l": value + 0.1, "bbox_AR_100": value + 0.15,
+        })
+    return out
+
+
+def record(tracker, study, params, seed, final, state, number):
+    """What the driver writes for a trial that ends in `state` (harness/study.py's _Driver)."""
+    run_id = tracker.open_trial(study.make_trial(params, seed), None, number)
+    history = epochs(final, seed)
+    if state == "finished":
+        for metrics in history:
+            tracker.log_epoch(run_id, metrics)
+        tracker.finish_trial(run_id, {"history": history, "final": history[-1],
+                                      "eval_summary": "AP 0.3", "per_class_AP": {}}, 11.0, 1)
+    elif state in ("failed", "pruned"):
+        tracker.log_epoch(run_id, history[0])
+        tracker.end_trial(run_id, state, attempts=2 if state == "failed" else 1,
+                          reason=OOM if state == "failed" else None)
+    return run_id  # "running": opened, never ended (a driver that died)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    import optuna
+
+    from harness import search
+
+    root = tmp_path_factory.mktemp("report")
+    files = {}
+    for name, mapping in (("ablation", ABLATION), ("search", SEARCH)):
+        files[name] = root / f"{name}.yaml"
+        files[name].write_text(yaml.safe_dump(mapping, sort_keys=False))
+    work = root / "work"
+    study = load_study(str(files["ablation"]))
+    tracker = Tracker(study, str(work))
+    tracker.start_parent(str(work), ["libra", "run", str(files["ablation"])])
+    for number, (params, seed, final, state) in enumerate(TRIALS):
+        record(tracker, study, params, seed, final, state, number)
+    tracker.end_parent("FAILED", {"total": 16, "finished": 10, "failed": 1, "pruned": 1}, 0.36)
+
+    # A search in the same store, with its Optuna journal under its own work dir.
+    search_work = root / "search-work"
+    sstudy = load_study(str(files["search"]))
+    stracker = Tracker(sstudy, str(search_work), tracker.uri)
+    stracker.start_parent(str(search_work), ["libra", "run", str(files["search"])])
+    ostudy = search.open_study(sstudy, str(search_work))
+    for alpha, gamma, final, state in SEARCH_TRIALS:
+        ostudy.enqueue_trial({ALPHA: alpha, GAMMA: gamma})
+        otrial = ostudy.ask()
+        params = search.suggest(otrial, sstudy)
+        record(stracker, sstudy, params, 0, final, state, otrial.number)
+        if state == "finished":
+            ostudy.tell(otrial, final)
+        else:
+            ostudy.tell(otrial, state=optuna.trial.TrialState.PRUNED)
+    stracker.end_parent("FINISHED", {"total": 4, "finished": 3, "failed": 0, "pruned": 1}, 0.372)
+    return {"root": root, "uri": tracker.uri, "work": work, "search_work": search_work,
+            "study": study, "search_study": sstudy, "files": files}
+
+
+@pytest.fixture(scope="module")
+def runs(store):
+    return report.load_study_runs(store["uri"], "toy-ablation")
+
+
+@pytest.fixture(scope="module")
+def table(runs, store):
+    return report.study_table(runs, store["study"])
+
+
+# ------------------------------------------------------------------------------------------
+# Reading MLflow.
+# ------------------------------------------------------------------------------------------
+def test_load_study_runs_reads_the_trackers_schema(runs):
+    assert len(runs) == len(TRIALS)  # the parent runs are not trials
+    states = sorted(runs["state"])
+    assert states == sorted(t[3] for t in TRIALS)
+    failed = runs[runs["state"] == "failed"].iloc[0]
+    assert failed["reason"] == OOM and failed["seed"] == 1
+    assert failed["params"] == {IOU: True, BFP: True}
+    assert bool(failed["iou_balanced_sampling"]) is True and bool(failed["balanced_l1_loss"]) is False
+    # params come back typed (yaml.safe_load of the logged text)
+    config = failed["config"]
+    assert config[ALPHA] == 0.5 and config["detector.anchor_sizes"] == [32, 64, 128, 256, 512]
+    assert config["detector.pretrained"] is None and config[IOU] is True
+    finished = runs[runs["state"] == "finished"]
+    assert finished["mean_sec_per_iter"].tolist() == pytest.approx([0.7] * 10)  # (0.6 + 0.8) / 2
+    assert finished["eval_images_per_sec"].tolist() == pytest.approx([42.0] * 10)  # last epoch
+
+
+def test_provenance_names_code_versions_devices_and_machine_tags(runs):
+    import pandas as pd
+
+    parents = pd.DataFrame([{"run_id": "p", "tags": {"libra.machine.gpu": "NVIDIA H200",
+                                                      "libra.machine.host": "node-3"}}])
+    lines = report.describe_provenance(runs, parents)
+    assert any(line.startswith("code: git ") for line in lines)
+    assert any(line.startswith("versions: python ") and "mlflow" in line for line in lines)
+    assert "device: cpu" in lines and "machine.gpu: NVIDIA H200" in lines
+    assert "resources per trial: 1 worker(s) x (1 CPU, 0 GPU)" in lines
+
+
+def test_empty_when_the_store_or_the_study_is_missing(store, tmp_path):
+    assert len(report.load_study_runs(store["uri"], "no-such-study")) == 0
+    missing = "sqlite:///" + str(tmp_path / "nothing" / "mlflow.db")
+    assert len(report.load_study_runs(missing, "toy-ablation")) == 0
+    assert not (tmp_path / "nothing").exists()  # a report never creates a store
+
+
+# ------------------------------------------------------------------------------------------
+# The table's numbers.
+# ------------------------------------------------------------------------------------------
+def test_rows_follow_the_grid_with_mean_std_n_over_finished_seeds(table):
+    assert table["label"].tolist() == ["no components", "BFP", "IoU-sampling", "IoU-sampling + BFP"]
+    a, c, b, d = range(4)
+    # A: 30, 31, 32 -> mean 31, s^2 = (1 + 0 + 1) / 2 = 1
+    # C: 30, 32, 34 -> mean 32, s^2 = (4 + 0 + 4) / 2 = 4
+    # B: 33, 34, 35 -> 34 +- 1; its pruned seed 3 (90 at epoch 1) is not in
+    # D: 36 alone; its failed (95) and running (97) seeds are not in
+    expected = {a: (31.0, 1.0, 3), c: (32.0, 2.0, 3), b: (34.0, 1.0, 3), d: (36.0, math.nan, 1)}
+    for row, (mean, std, n) in expected.items():
+        assert table.at[row, "AP_mean"] == pytest.approx(mean, abs=1e-9)
+        assert table.at[row, "AP_n"] == n
+        if n > 1:
+            assert table.at[row, "AP_std"] == pytest.approx(std, abs=1e-9)
+        else:
+            assert math.isnan(table.at[row, "AP_std"])
+    assert table["n_trials"].tolist() == [3, 3, 4, 3] and table["n_finished"].tolist() == [3, 3, 3, 1]
+    assert table.at[b, "seeds"] == "0;1;2"
+    # AP50 = AP + 20 points; APs: seed 2 logged NaN, so A's APs is over seeds 0, 1: 20, 21
+    assert table.at[a, "AP50_mean"] == pytest.approx(51.0, abs=1e-9)
+    assert table.at[a, "APs_n"] == 2 and table.at[a, "APs_mean"] == pytest.approx(20.5, abs=1e-9)
+    assert table.at[a, "APs_std"] == pytest.approx(math.sqrt(0.5), abs=1e-9)  # (0.25 + 0.25) / 1
+    # costs: mean_sec_per_iter 0.7 every trial; peak memory max over epochs = 200 + seed
+    assert table.at[a, "sec_per_iter_mean"] == pytest.approx(0.7)
+    assert table.at[a, "peak_mem_mb_mean"] == pytest.approx(201.0)  # (200 + 201 + 202) / 3
+    assert table.at[a, "peak_mem_mb_std"] == pytest.approx(1.0)
+
+
+def test_delta_ap_and_welch_interval(table):
+    a, c, b, d = range(4)
+    assert bool(table.at[a, "baseline"]) and table.at[a, "dAP_note"] == "baseline"
+    assert "all three components off" in table.attrs["baseline_note"]
+
+    # B - A: d = 34 - 31 = 3; v1 = v0 = 1/3; se = sqrt(2/3) = 0.81650
+    #        df = (2/3)^2 / ((1/3)^2/2 + (1/3)^2/2) = (4/9) / (1/9) = 4
+    #        t(0.975, 4) = 2.776445 (Student's table: 2.776); half = 2.776445 * 0.816497 = 2.266958
+    t4 = 2.7764451051977987
+    assert stats.t.ppf(0.975, 4) == pytest.approx(t4, rel=1e-12)
+    half = t4 * math.sqrt(2 / 3)
+    assert half == pytest.approx(2.266958, abs=1e-6)
+    assert table.at[b, "dAP"] == pytest.approx(3.0, abs=1e-9)
+    assert table.at[b, "dAP_df"] == pytest.approx(4.0, rel=1e-9)
+    assert table.at[b, "dAP_low"] == pytest.approx(3.0 - half, abs=1e-9)  # 0.733042
+    assert table.at[b, "dAP_high"] == pytest.approx(3.0 + half, abs=1e-9)  # 5.266958
+    assert table.at[b, "dAP_separated"] is True and table.at[b, "dAP_note"] == ""
+
+    # C - A: d = 1; v1 = 4/3, v0 = 1/3; se = sqrt(5/3) = 1.29099
+    #        df = (5/3)^2 / ((4/3)^2/2 + (1/3)^2/2) = (25/9) / (17/18) = 50/17 = 2.94118
+    df = 50 / 17
+    half = stats.t.ppf(0.975, df) * math.sqrt(5 / 3)
+    assert table.at[c, "dAP_df"] == pytest.approx(df, rel=1e-9)
+    assert table.at[c, "dAP_low"] == pytest.approx(1.0 - half, abs=1e-9)
+    assert table.at[c, "dAP_high"] == pytest.approx(1.0 + half, abs=1e-9)
+    assert table.at[c, "dAP_low"] < 0 < table.at[c, "dAP_high"]
+    assert table.at[c, "dAP_separated"] is False
+    assert table.at[c, "dAP_note"] == "not separated from zero"
+
+    # Both intervals against scipy's own Welch test (the same data in percent)
+    base = [30.0, 31.0, 32.0]
+    for row, values in ((b, [33.0, 34.0, 35.0]), (c, [30.0, 32.0, 34.0])):
+        ci = stats.ttest_ind(values, base, equal_var=False).confidence_interval(0.95)
+        assert (table.at[row, "dAP_low"], table.at[row, "dAP_high"]) == pytest.approx(
+            (ci.low, ci.high), abs=1e-7)
+
+    # D has one seed: the delta, no interval, no claim
+    assert table.at[d, "dAP"] == pytest.approx(5.0, abs=1e-9)
+    assert math.isnan(table.at[d, "dAP_low"]) and math.isnan(table.at[d, "dAP_high"])
+    assert table.at[d, "dAP_separated"] is None and table.at[d, "dAP_note"] == "n=1, no CI"
+
+
+def test_welch_interval_edges():
+    with pytest.raises(ValueError):
+        report.welch_interval(1.0, 0.5, 1, 0.0, 0.5, 3)
+    d, low, high, df = report.welch_interval(2.0, 0.0, 3, 1.0, 0.0, 3)  # no spread at all
+    assert d == 1.0 and math.isnan(low) and math.isnan(high) and math.isnan(df)
+
+
+def test_failed_pruned_and_running_are_listed_never_averaged(store, runs, table):
+    listing = report.unfinished_trials(runs)
+    assert sorted(listing["state"]) == ["failed", "pruned", "running"]
+    failed = listing[listing["state"] == "failed"].iloc[0]
+    assert failed["reason"] == OOM and "seed=1" in failed["label"]
+    text = report.render_markdown_table(runs, store["study"])
+    assert "Not in the table (never averaged)" in text and "CUDA out of memory" in text
+    assert "pruned" in text and "running" in text
+    # none of their first-epoch values (90, 95, 97) reached a mean
+    assert table["AP_mean"].max() < 40
+
+
+def test_reference_numbers_side_by_side(table):
+    a, c, b, d = range(4)
+    assert table.at[a, "paper_label"] == "baseline" and table.at[b, "paper_label"].startswith("+ IoU")
+    assert table.at[a, "paper_AP"] == pytest.approx(35.9) and table.at[b, "paper_AP"] == pytest.approx(36.8)
+    assert table.at[b, "paper_dAP"] == pytest.approx(0.9)  # the paper's own change: 36.8 - 35.9
+    assert math.isnan(table.at[c, "paper_AP"]) and table.at[d, "paper_label"] == ""
+    comparison = report.reference_comparison(table)
+    assert comparison["row"].tolist() == ["no components", "IoU-sampling"]
+    assert comparison.loc[1, "AP ours"] == "34.0 ± 1.0 (3)" and comparison.loc[1, "AP paper"] == "36.8"
+    assert "paper AP" in report.to_markdown(table)
+
+
+def test_baseline_falls_back_to_the_first_row_and_says_so(runs):
+    # A sweep without an all-off row (every row has the sampler on): the first row is the baseline.
+    subset = runs[[p[IOU] for p in runs["params"]]]
+    table = report.ablation_table(subset, [IOU, BFP], order=[B, D])
+    assert table["label"].tolist() == ["IoU-sampling", "IoU-sampling + BFP"]
+    assert bool(table.at[0, "baseline"]) and "first row" in table.attrs["baseline_note"]
+    assert table.at[1, "dAP"] == pytest.approx(2.0) and table.at[1, "dAP_note"] == "n=1, no CI"
+    text = report.to_markdown(table)
+    assert "+2.0 (n=1, no CI)" in text and "no difference is claimed" in text
+
+
+def test_the_driver_can_pass_mlflow_search_runs_rows(store, runs):
+    raw = trial_runs(store["uri"], "toy-ablation")
+    assert report.render_markdown_table(raw, store["study"]) == \
+        report.render_markdown_table(runs, store["study"])
+
+
+# ------------------------------------------------------------------------------------------
+# Markdown, CSV and LaTeX agree.
+# ------------------------------------------------------------------------------------------
+def markdown_rows(text):
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    split = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+    return split[0], split[2:]  # headers, rows (the second line is the alignment rule)
+
+
+def latex_rows(text):
+    lines = text.splitlines()
+    body = lines[lines.index("\\midrule") + 1:lines.index("\\bottomrule")]
+    header = lines[lines.index("\\toprule") + 1]
+    cells = lambda line: [c.strip() for c in line.rstrip().removesuffix("\\\\").split(" & ")]
+    return cells(header), [cells(line) for line in body]
+
+
+def test_markdown_csv_and_latex_show_the_same_numbers(table):
+    md_head, md = markdown_rows(report.to_markdown(table))
+    tex_head, tex = latex_rows(report.to_latex(table))
+    frame = list(csv.DictReader(io.StringIO(report.to_csv(table))))
+    assert len(md) == len(tex) == len(frame) == 4 and len(md_head) == len(tex_head)
+
+    def number(text):
+        return float(text) if text not in ("", "nan") else math.nan
+
+    for i, row in enumerate(frame):
+        md_row, tex_row = dict(zip(md_head, md[i])), dict(zip(tex_head, tex[i]))
+        for flag, title in report.COMPONENT_TITLES.items():
+            on = row[flag] == "True"
+            assert md_row[title] == ("✓" if on else "") and tex_row[title] == ("\\checkmark" if on else "")
+        for col in report.DEFAULT_COLUMNS:
+            mean, std, n = number(row[f"{col.key}_mean"]), number(row[f"{col.key}_std"]), int(row[f"{col.key}_n"])
+            expected = (f"{mean:.{col.digits}f} ± {std:.{col.digits}f} ({n})" if n > 1
+                        else f"{mean:.{col.digits}f} (1)" if n == 1 else "-")
+            assert md_row[col.title] == expected, (i, col.key)
+            assert tex_row[col.latex].replace(" $\\pm$ ", " ± ") == expected, (i, col.key)
+        d, low, high = number(row["dAP"]), number(row["dAP_low"]), number(row["dAP_high"])
+        if row["dAP_note"] == "baseline":
+            expected = "baseline"
+        elif math.isnan(low):
+            expected = f"{d:+.1f} (n=1, no CI)"
+        else:
+            expected = f"{d:+.1f} [{low:+.1f}, {high:+.1f}]"
+        md_delta, tex_delta = md_row["ΔAP"], tex_row["$\\Delta$AP"]
+        not_separated = row["dAP_separated"] == "False"
+        assert md_delta == expected + (" †" if not_separated else "")
+        assert tex_delta == expected + ("$^\\dagger$" if not_separated else "")
+        if row["paper_AP"]:
+            assert md_row["paper AP"] == tex_row["paper AP"] == f"{float(row['paper_AP']):.1f}"
+    # the markdown states what the marks mean
+    text = report.to_markdown(table)
+    assert "† the 95% interval contains 0: not separated from zero" in text
+    assert "+3.0 [+0.7, +5.3]" in text and "+1.0 [" in text
+
+
+def test_latex_is_booktabs_and_escaped(table, runs):
+    tex = report.to_latex(table)
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
+    assert "\\begin{tabular}{ccc" in tex
+    assert "95\\%" in tex  # the legend's percent sign is escaped
+    # a swept value with LaTeX specials is escaped in its column
+    sweep = report.ablation_table(runs, [IOU, "detector.arch"])
+    assert sweep["detector.arch"].tolist() == ["faster_rcnn", "faster_rcnn"]
+    assert "faster\\_rcnn" in report.to_latex(sweep) and "faster_rcnn" in report.to_markdown(sweep)
+    assert report._latex_escape("num_bins & 50%") == "num\\_bins \\& 50\\%"
+
+
+# ------------------------------------------------------------------------------------------
+# Searches and plots.
+# ------------------------------------------------------------------------------------------
+def test_search_lists_the_best_trials(store):
+    runs = report.load_study_runs(store["uri"], "toy-search")
+    table = report.study_table(runs, store["search_study"])
+    assert table["AP_mean"].tolist() == pytest.approx([37.2, 36.7, 36.5])  # the pruned 99 is not in
+    assert table[ALPHA].tolist() == pytest.approx([0.5, 0.2, 0.3])
+    text = report.to_markdown(table)
+    assert "| trial" in text and "ΔAP" not in text and "alpha" in text
+
+
+def png_ok(path):
+    with open(path, "rb") as fh:
+        return fh.read(8) == b"\x89PNG\r\n\x1a\n" and fh.seek(0, 2) > 1024
+
+
+def test_plots_are_written(store, runs, table, tmp_path):
+    histories = report.metric_histories(store["uri"], runs["run_id"])
+    assert len(histories) == 2 * 10 + 2  # two epochs per finished trial, one per failed or pruned
+    groups = {label: ids.split(";") for label, ids in zip(table["label"], table["run_ids"])}
+    curves = plots.plot_curves(histories, groups, str(tmp_path / "curves.png"))
+    bars = plots.plot_ablation_bars(table, str(tmp_path / "bars.png"))
+    assert png_ok(curves) and png_ok(bars)
+    assert plots.plot_curves(histories.iloc[0:0], groups, str(tmp_path / "none.png")) is None
+
+    ostudy, why = plots.load_optuna_study("toy-search", str(store["search_work"]))
+    assert why == ""
+    written, notes = plots.plot_search(ostudy, str(tmp_path), params=[ALPHA, GAMMA])
+    names = sorted(p.rsplit("/", 1)[1] for p in written)
+    assert names == ["optuna_contour_alpha_gamma.png", "optuna_history.png",
+                     "optuna_importance.png"], notes
+    assert all(png_ok(p) for p in written)
+    missing, why = plots.load_optuna_study("toy-search", str(tmp_path / "elsewhere"))
+    assert missing is None and "no Optuna journal" in why
+
+
+def test_search_plots_skip_what_one_trial_cannot_show(tmp_path):
+    import optuna
+
+    ostudy = optuna.create_study(direction="maximize")
+    ostudy.enqueue_trial({ALPHA: 0.5, GAMMA: 1.5})
+    ostudy.optimize(lambda t: t.suggest_float(ALPHA, 0.1, 1) + t.suggest_float(GAMMA, 0.5, 2),
+                    n_trials=1)
+    written, notes = plots.plot_search(ostudy, str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in written] == ["optuna_history.png"]
+    assert any(n.startswith("parameter importances: skipped") for n in notes)
+    assert any(n.startswith("alpha-gamma contour: skipped") for n in notes)
+
+
+# ------------------------------------------------------------------------------------------
+# The command.
+# ------------------------------------------------------------------------------------------
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cli_writes_the_report(store, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["report", str(store["files"]["ablation"]), "--work-dir", str(store["work"]),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ΔAP" in printed and "did not finish" in printed
+    for name in ("report.md", "table.csv", "table.tex", "trials.csv"):
+        assert (out / name).stat().st_size > 0, name
+    for name in ("curves_bbox_mAP.png", "ap_bars.png"):
+        assert png_ok(out / name), name
+    md = (out / "report.md").read_text()
+    assert "# toy-ablation: ablation report" in md and store["uri"] in md
+    assert "libra report " in md and "--work-dir" in md  # how to make it again
+    assert "libra run " in md  # how the runs were made (the parent run's command)
+    assert "versions: python" in md
+    assert "CUDA out of memory" in md and "## Against the paper" in md
+    assert "![ap_bars.png](ap_bars.png)" in md
+    assert report.to_markdown(report.study_table(report.load_study_runs(
+        store["uri"], "toy-ablation"), store["study"])) in md
+    trials = list(csv.DictReader(io.StringIO((out / "trials.csv").read_text())))
+    assert len(trials) == len(TRIALS) and {"run_id", "bbox_mAP", "state"} <= set(trials[0])
+
+
+def test_cli_by_study_name_uses_the_recorded_study(store, tmp_path, capsys):
+    out = tmp_path / "by-name"
+    assert main(["report", "--study", "toy-ablation", "--tracking-uri", store["uri"],
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    md = (out / "report.md").read_text()
+    assert "## Against the paper" in md  # the reference came from the parent's study.yaml
+    assert (out / "table.csv").read_text() == report.to_csv(report.study_table(
+        report.load_study_runs(store["uri"], "toy-ablation"), store["study"]))
+
+
+def test_cli_search_report_has_optuna_plots(store, tmp_path, capsys):
+    out = tmp_path / "search"
+    assert main(["report", str(store["files"]["search"]), "--tracking-uri", store["uri"],
+                 "--out", str(out)]) == 0  # the work dir comes from the parent run's tag
+    capsys.readouterr()
+    for name in ("optuna_history.png", "optuna_importance.png", "optuna_contour_alpha_gamma.png",
+                 "curves_bbox_mAP.png"):
+        assert png_ok(out / name), name
+    assert "pruned" in (out / "report.md").read_text()
+
+
+def test_cli_without_runs_fails_in_one_line(store, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    assert main(["report", str(store["files"]["ablation"]), "--work-dir", str(empty),
+                 "--out", str(tmp_path / "o")]) == 2
+    line = one_error_line(capsys)
+    assert "no runs of study 'toy-ablation'" in line and "libra run" in line
+    assert not empty.exists()
+
+
+def test_cli_unreachable_server_fails_fast_in_one_line(store, tmp_path, capsys):
+    started = time.monotonic()
+    assert main(["report", str(store["files"]["ablation"]), "--tracking-uri", "http://127.0.0.1:9",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert time.monotonic() - started < 15
+    assert "cannot reach MLflow tracking server at http://127.0.0.1:9" in one_error_line(capsys)
+
+
+def test_cli_needs_a_study(capsys):
+    assert main(["report"]) == 2
+    assert "give a study file" in one_error_line(capsys)
