@@ -227,7 +227,7 @@ class _Driver:
         self.refs: dict[Any, _Running] = {}
         self.parked: dict[str, list[Any]] = collections.defaultdict(list)
         self.counts = {"finished": 0, "failed": 0, "pruned": 0}
-        self.failures: list[tuple[str, str]] = []
+        self.failures: list[tuple[str, str]] = []  # this invocation's, incl. proposals never run
         self.mailbox = None
         self.progress: Progress = None  # type: ignore[assignment]
         self.out = opts.stream or sys.stdout
@@ -421,7 +421,7 @@ class _Driver:
         return {"total": source.total, **self.counts}
 
     def _report(self, source: Any) -> None:
-        from harness.summary import comparison_table
+        from harness.report import render_markdown_table
 
         out = self.out
         frame = trial_runs(self.tracker.uri, self.tracker.experiment_name, source.keys())
@@ -435,7 +435,8 @@ class _Driver:
             print(f"  best {self.metric}: {self.progress.best:.4f} ({self.progress.best_label})",
                   file=out)
         print("", file=out)
-        print(comparison_table(frame, self.study), file=out)
+        # The same table `libra report` writes; failed and pruned trials are listed under it.
+        print(render_markdown_table(frame, self.study), file=out)
         print(f"\nMLflow: {self.tracker.uri} (experiment {self.tracker.experiment_name!r}); "
               f"browse with: mlflow ui --backend-store-uri {self.tracker.uri}", file=out)
         if self.counts["failed"]:
@@ -512,10 +513,10 @@ def describe(study: Study, opts: RunOptions) -> str:
     if study.kind == "grid":
         trials = study.trials()
         lines.append(f"{len(trials)} trials:")
-        from harness.summary import COMPONENTS
+        from harness.report import COMPONENT_TITLES, FLAG_KEYS
 
         short = short_names(study.varied_keys)
-        titles = {k: COMPONENTS.get(k, short[k]) for k in study.varied_keys}
+        titles = {k: COMPONENT_TITLES[FLAG_KEYS[k]] if k in FLAG_KEYS else short[k] for k in study.varied_keys}
         table = pd.DataFrame([{"#": i, "trial_key": t.key,
                                **{titles[k]: render_value(t.params[k]) if k in t.params else "-"
                                   for k in study.varied_keys},
