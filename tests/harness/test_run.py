@@ -42,7 +42,7 @@ def test_grid_end_to_end_then_rerun_trains_nothing(ray_cluster, write_study, tmp
     assert main(["run", path, "--work-dir", str(work)]) == 0
     out = capsys.readouterr().out
     assert "4/4 trials done" in out and "0 failed" in out
-    assert "| BFP" in out and "AP50" in out  # the comparison table
+    assert "BFP" in out and "AP50" in out and "ΔAP" in out  # the comparison table
 
     client = MlflowClient(default_uri(str(work)))
     experiment = client.get_experiment_by_name("grid4")

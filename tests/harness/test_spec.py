@@ -30,9 +30,10 @@ def test_every_shipped_study_validates(path):
 def test_quickstart_is_the_2x2x2_ablation_on_the_cpu():
     study = load_study(QUICKSTART)
     trials = study.trials()
-    assert len(trials) == 8
-    flags = {tuple(t.config.detector.component_flags.values()) for t in trials}
-    assert len(flags) == 8  # every on/off combination of the three components once
+    assert len(trials) == 16  # 2 x 2 x 2 configurations x 2 seeds
+    flags = [tuple(t.config.detector.component_flags.values()) for t in trials]
+    assert len(set(flags)) == 8  # every on/off combination of the three components ...
+    assert sorted(t.config.schedule.seed for t in trials) == [0] * 8 + [1] * 8  # ... once per seed
     for t in trials:
         assert t.config.schedule.device == "cpu"
         assert t.config.schedule.num_threads == 1  # pinned to the trial's CPU share
@@ -42,7 +43,7 @@ def test_quickstart_is_the_2x2x2_ablation_on_the_cpu():
 def test_trial_keys_are_stable_and_follow_the_config():
     first = [t.key for t in load_study(QUICKSTART).trials()]
     again = [t.key for t in load_study(QUICKSTART).trials()]
-    assert first == again and len(set(first)) == 8
+    assert first == again and len(set(first)) == 16
     longer = [t.key for t in load_study(QUICKSTART, ["schedule.epochs=7"]).trials()]
     assert not set(first) & set(longer)
     ddp = [t.key for t in load_study(QUICKSTART, ["resources.workers=2"]).trials()]
