@@ -1,4 +1,4 @@
-"""Reading YAML config files and applying `--set dotted.key=value` overrides to nested mappings."""
+"""Reading a run config file (YAML) with `--set dotted.key=value` overrides, for `libra train`."""
 from __future__ import annotations
 
 import copy
@@ -28,38 +28,13 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """'a.b.c=value' -> ('a.b.c', value parsed as a YAML scalar/list: 0.5, true, [8, 11], null)."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set detector.balanced_l1_loss.alpha=0.3")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def set_dotted(mapping: dict, key: str, value: Any) -> None:
-    """mapping['a']['b']['c'] = value for key 'a.b.c', creating intermediate mappings."""
-    parts = key.split(".")
-    node = mapping
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise UserError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a mapping")
-        node = child
-    node[parts[-1]] = value
-
-
 def apply_overrides(mapping: Mapping, assignments: Iterable[str]) -> dict:
     """A deep copy of `mapping` with each 'key=value' assignment applied in order."""
+    from harness.spec import parse_override, set_dotted  # the same --set syntax as `libra run`
+
     result = copy.deepcopy(dict(mapping))
     for text in assignments or ():
-        key, value = parse_assignment(text)
+        key, value = parse_override(text)
         set_dotted(result, key, value)
     return result
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 
 from harness.errors import UserError
 
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from detectors.data.coco import CocoDetection
     from detectors.data.loader import build_datasets
     from detectors.engine import evaluate, load_model_from_checkpoint, resolve_device
 
@@ -30,18 +32,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give both --val-images and --val-annotations, or neither")
     device = resolve_device(args.device)
     model, cfg = load_model_from_checkpoint(args.checkpoint, device)
-    data = cfg.data
     if args.val_images:
-        # Any COCO-format set: the training paths are not read for evaluation.
-        data = dataclasses.replace(
-            data, kind="coco", val_images=os.path.abspath(args.val_images),
-            val_annotations=os.path.abspath(args.val_annotations),
-            train_images=data.train_images or os.path.abspath(args.val_images),
-            train_annotations=data.train_annotations or os.path.abspath(args.val_annotations),
-        )
-    _, val_set = build_datasets(data)
+        # Any COCO-format set; the checkpoint's training data need not exist on this machine.
+        for flag, path, is_dir in (("--val-images", args.val_images, True),
+                                   ("--val-annotations", args.val_annotations, False)):
+            if not (os.path.isdir(path) if is_dir else os.path.isfile(path)):
+                raise UserError(f"{flag} {path}: no such {'folder' if is_dir else 'file'}")
+        val_set = CocoDetection(os.path.abspath(args.val_images), os.path.abspath(args.val_annotations), train=False)
+        if val_set.num_classes != cfg.detector.num_classes:
+            raise UserError(f"{args.val_annotations} has {val_set.num_classes} categories but the checkpoint's "
+                            f"model predicts {cfg.detector.num_classes}; evaluate on a set with the same categories")
+    else:
+        _, val_set = build_datasets(cfg.data)
     result = evaluate(model, val_set, device=device, batch_size=args.batch_size, backend=args.eval_backend,
-                      progress=None)
+                      progress=sys.stderr.isatty())
     print(result["summary"].rstrip())
     metrics = result["metrics"]
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))

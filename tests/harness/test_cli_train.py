@@ -104,3 +104,21 @@ def test_every_command_has_help(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: libra" in capsys.readouterr().out
+
+
+def test_eval_on_another_coco_set_needs_no_training_data(tmp_path, capsys):
+    config = write_config(tmp_path)
+    out = tmp_path / "out"
+    assert main(["train", str(config), "--out", str(out)]) == 0
+    other = tmp_path / "other"
+    assert main(["data", "synth", "--out", str(other), "--num-train", "1", "--num-val", "2",
+                 "--image-size", "96", "--seed", "5"]) == 0
+    import shutil
+    shutil.rmtree(tmp_path / "data")  # the checkpoint's own data is gone
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--val-images", str(other / "val"),
+                 "--val-annotations", str(other / "annotations" / "instances_val.json")]) == 0
+    assert "bbox_mAP" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--val-images", str(tmp_path / "nope"),
+                 "--val-annotations", str(other / "annotations" / "instances_val.json")]) == 2
+    assert "--val-images" in one_error_line(capsys)
