@@ -55,12 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # --help exits here, before torch is imported below
+
     from detectors.config import ConfigError
     from detectors.data.errors import DatasetError
     from harness.errors import UserError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
     except (UserError, ConfigError, DatasetError) as err:
