@@ -11,7 +11,7 @@ Schema (`libra report` and `trial_runs` below read exactly these names):
 Experiment: the study's `name` (or `tracking.experiment`).
 
 Parent run, one per invocation of `libra run` (run name `<study>-<UTC timestamp>`):
-    tags     libra.role = "study", libra.study, libra.kind = "grid" | "search",
+    tags     libra.role = "study", libra.study, libra.kind = "grid" | "search" | "bench",
              libra.study_file (absolute path), libra.work_dir, libra.command (the argv),
              libra.git_commit, libra.git_dirty = "true" | "false",
              libra.version.{python,torch,torchvision,ray,optuna,mlflow}
@@ -45,11 +45,17 @@ resumed trial keeps its run, and so its first parent). Run name: the trial's lab
              per_class_AP.json ({class name: AP}), config.yaml (the trial's full config)
     status   FINISHED (finished), FAILED (failed), KILLED (pruned or interrupted), RUNNING
 
+A bench study (`bench:` instead of `grid:`/`search:`) has one child run, its one trial: params
+as above plus bench.* (the `bench:` options); tags as above (libra.params is {}); metrics once,
+at step 0: bench.<variant>.<figure> (harness.bench.bench_metrics), bench.sampler.<figure>,
+trial_wall_seconds; artifacts bench.md (the results as markdown tables) and config.yaml.
+
 Resume: a trial whose run is tagged finished is not run again; any other run with the same
 libra.trial_key is reused (its status set back to RUNNING), so MLflow never holds duplicates.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import json
@@ -57,7 +63,9 @@ import logging
 import os
 import pathlib
 import platform
+import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -128,6 +136,52 @@ class TrialRecord:
     metrics: dict[str, float]  # latest values
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT/SIGTERM until the block ends, then deliver them to the usual handlers.
+
+    Signal handlers can only be set from the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, lambda received, _frame: held.append(received))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in held:
+            signal.raise_signal(signum)
+
+
+class _UninterruptedClient:
+    """An MlflowClient whose every call completes before a Ctrl-C (or SIGTERM) takes effect.
+
+    A KeyboardInterrupt raised inside a SQLAlchemy write leaves that transaction holding the
+    SQLite lock, and the driver's own "interrupted" bookkeeping that follows then fails with
+    "database is locked". Holding the signal for the length of one call avoids that.
+    """
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with _signals_held():
+                return attr(*args, **kwargs)
+
+        return call
+
+
 class Tracker:
     """The driver's MLflow writer for one study invocation."""
 
@@ -142,7 +196,7 @@ class Tracker:
         self.experiment_name = study.spec.tracking.experiment or study.name
         check_reachable(self.uri)
         os.makedirs(work_dir, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = _UninterruptedClient(MlflowClient(tracking_uri=self.uri))
         try:
             self.experiment_id = self._experiment(work_dir)
         except Exception as err:  # an unusable database or server: one line, not a traceback
@@ -215,7 +269,8 @@ class Tracker:
                 return records
 
     def open_trial(self, plan: TrialPlan, existing: Optional[TrialRecord],
-                   optuna_number: Optional[int] = None) -> str:
+                   optuna_number: Optional[int] = None,
+                   extra_params: Optional[Mapping[str, Any]] = None) -> str:
         """The trial's run: reuse the one an earlier invocation left, else a new child run."""
         from mlflow.entities import Param
 
@@ -245,6 +300,7 @@ class Tracker:
         params.update({"resources.workers": res.workers,
                        "resources.cpus_per_worker": res.cpus_per_worker,
                        "resources.gpus_per_worker": res.gpus_per_worker})
+        params.update(extra_params or {})
         items = [Param(k, render_value(v)[:6000]) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run_id, params=items[start:start + 100])
@@ -305,6 +361,19 @@ class Tracker:
         self.client.log_dict(run_id, {"final": result.get("final"), "history": history},
                              "metrics.json")
         self.client.log_dict(run_id, dict(result.get("per_class_AP") or {}), "per_class_AP.json")
+        self.end_trial(run_id, "finished", attempts=attempts)
+
+    def finish_bench(self, run_id: str, outcome: Mapping[str, Any], wall_seconds: float,
+                     attempts: int) -> None:
+        """A bench trial's figures (step 0), its markdown tables, and the finished state."""
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        figures = {**outcome.get("metrics", {}), "trial_wall_seconds": wall_seconds}
+        items = [Metric(k, float(v), now, 0) for k, v in figures.items() if _is_number(v)]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+        self.client.log_text(run_id, str(outcome.get("markdown", "")), "bench.md")
         self.end_trial(run_id, "finished", attempts=attempts)
 
     def end_trial(self, run_id: str, state: str, *, attempts: Optional[int] = None,
