@@ -1123,3 +1123,59 @@ def machine_info(device: Optional[str] = None) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             info[package] = "not installed"
     return info
+
+
+# =============================================================================================
+# A bench study's trial (the worker side of `libra run` on a study with a `bench:` block).
+# =============================================================================================
+def run_bench_trial(payload: dict) -> dict:
+    """Measure a bench study's parts in this process (a Ray task holding the trial's resources).
+
+    payload: config (TrainConfig.to_dict()), bench (BenchSpec.model_dump()), seed, num_threads.
+    Returns {"metrics": {name: value}, "markdown": the results as markdown tables,
+    "device": where it ran}; plain Python, so it pickles back to the driver.
+    """
+    from detectors.config import TrainConfig
+    from harness.commands.bench import _md_table, _model_table
+
+    torch.set_num_threads(int(payload["num_threads"]))
+    cfg = TrainConfig.from_dict(payload["config"])
+    opts = payload["bench"]
+    device = cfg.schedule.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.get("image_size"):
+        h, w = opts["image_size"]
+    elif cfg.data.kind == "synthetic":
+        h = w = cfg.data.synthetic.image_size
+    else:
+        h, w = cfg.detector.min_size, cfg.detector.max_size
+    batch = opts.get("batch") or cfg.schedule.batch_size
+    settings = ModelBenchSettings(image_height=h, image_width=w, batch_size=batch, iters=opts["iters"],
+                                  warmup=opts["warmup"], device=device, amp=bool(opts["amp"]),
+                                  seed=int(payload["seed"]), memory=opts["memory"])
+    det = cfg.detector
+    metrics: dict[str, float] = {}
+    md = [f"Device {device}{' with AMP' if settings.amp else ''}; backbone {det.backbone}, images "
+          f"{h}x{w}, batch {batch}; {settings.warmup} warm-up + {settings.iters} timed rounds.", ""]
+    step = None
+    if "model" in opts["what"]:
+        model = run_model_bench(det, settings)
+        metrics.update(bench_metrics(model.rows))
+        md += ["## Component costs against the baseline", "", _md_table(_model_table(model.rows)), ""]
+        step = next(r.train_step_s for r in model.rows if r.variant == "+iou_balanced_sampling")
+    if "sampler" in opts["what"]:
+        sampler = run_sampler_bench(
+            device=device, reps=int(opts["sampler_reps"]), num_proposals=det.rpn_post_nms_top_n_train,
+            rois_per_image=det.roi_batch_size_per_image, positive_fraction=det.roi_positive_fraction,
+            num_bins=det.iou_balanced_sampling.num_bins, image_height=h, image_width=w,
+            seed=int(payload["seed"]), batch_size=batch if step else None, train_step_s=step)
+        row = {}
+        for figure in ("vectorised_us", "loop_us", "random_us", "speedup_vs_loop",
+                       "share_of_step_pct", "extra_over_random_pct"):
+            value = getattr(sampler, figure)
+            if value is not None:
+                metrics[f"bench.sampler.{figure}"] = float(value)
+                row[figure] = f"{value:.3f}"
+        md += ["## IoU-balanced sampler (one image)", "", _md_table([row]), ""]
+    return {"metrics": metrics, "markdown": "\n".join(md), "device": device}

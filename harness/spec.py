@@ -24,7 +24,13 @@ A study file is YAML::
       pruner: median                      # median | hyperband | none, or {name: median, startup_trials: 3, warmup_epochs: 1}
       first_trials:                       # evaluated before the sampler proposes anything
         - {detector.balanced_l1_loss.alpha: 0.5, detector.iou_balanced_sampling.num_bins: 3}
-    seeds: [0, 1]                         # schedule.seed of each grid point (a search takes one)
+    bench:                                # OR the component-cost benchmark (`libra bench`) as one
+      iters: 20                           #   trial: timed rounds, untimed warm-up rounds, images per
+      warmup: 5                           #   step (default schedule.batch_size), AMP (needs a GPU),
+      batch: 2                            #   parts to measure (model, sampler); image size: the
+      amp: false                          #   synthetic set's, else min_size x max_size
+      what: [model, sampler]
+    seeds: [0, 1]                         # schedule.seed of each grid point (a search or bench takes one)
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, concurrency: 2}
     tracking: {uri: null, experiment: null, optuna_storage: null}
     max_retries: 1                        # extra attempts for a trial that raises or goes NaN
@@ -190,6 +196,35 @@ class SearchSpec(_Strict):
         return value
 
 
+class BenchSpec(_Strict):
+    """The `bench:` block: `libra bench`'s model and sampler measurements as one tracked trial."""
+
+    iters: int = Field(default=20, ge=1)  # timed rounds (each variant: one train step + one inference batch)
+    warmup: int = Field(default=5, ge=0)  # untimed rounds first
+    batch: Optional[int] = Field(default=None, ge=1)  # images per step; None: schedule.batch_size
+    amp: bool = False  # float16 autocast + GradScaler; needs a GPU
+    what: list[Literal["model", "sampler"]] = ["model", "sampler"]
+    image_size: Optional[list[int]] = None  # [H, W]; None: the synthetic set's side, else min/max size
+    memory: Literal["auto", "off"] = "auto"  # auto: CUDA allocator / a fresh process per variant on CPU
+    sampler_reps: int = Field(default=300, ge=1)
+
+    @field_validator("what")
+    @classmethod
+    def _parts(cls, value: list) -> list:
+        if not value:
+            raise ValueError("empty; name at least one of model, sampler")
+        if len(set(value)) != len(value):
+            raise ValueError(f"repeats a part: {value}")
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _hw(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and (len(value) != 2 or min(value) < 32):
+            raise ValueError(f"[HEIGHT, WIDTH], both at least 32, got {value}")
+        return value
+
+
 class Resources(_Strict):
     workers: int = Field(default=1, ge=1)  # processes per trial; > 1 runs DDP through Ray Train
     cpus_per_worker: int = Field(default=1, ge=1)  # also each worker's torch thread count
@@ -244,6 +279,7 @@ class StudySpec(_Strict):
     schedule: dict[str, Any] = {}
     grid: Optional[dict[str, Any]] = None
     search: Optional[SearchSpec] = None
+    bench: Optional[BenchSpec] = None
     seeds: Optional[list[int]] = None
     resources: Resources = Resources()
     tracking: Tracking = Tracking()
@@ -270,8 +306,9 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _one_plan(self) -> "StudySpec":
-        if (self.grid is None) == (self.search is None):
-            raise ValueError("give exactly one of `grid:` (an ablation) or `search:` (an Optuna search)")
+        if sum(x is not None for x in (self.grid, self.search, self.bench)) != 1:
+            raise ValueError("give exactly one of `grid:` (an ablation), `search:` (an Optuna search) "
+                             "or `bench:` (the component-cost benchmark)")
         return self
 
 
@@ -304,6 +341,8 @@ class Study:
 
     @property
     def kind(self) -> str:
+        if self.spec.bench is not None:
+            return "bench"
         return "grid" if self.spec.grid is not None else "search"
 
     @property
@@ -325,6 +364,8 @@ class Study:
         """The dotted keys that differ between trials, in the file's order."""
         if self.spec.search is not None:
             return list(self.spec.search.space)
+        if self.spec.bench is not None:
+            return []
         keys: list[str] = []
         for key, values in self.spec.grid.items():
             for k in ([key] if key != CASES else [k for case in values for k in case]):
@@ -350,6 +391,14 @@ class Study:
         if self.spec.grid is None:
             raise TypeError("a search's trials come from Optuna; use make_trial")
         return [self.make_trial(point, seed) for point in self.grid_points() for seed in self.seeds]
+
+    def bench_trial(self) -> TrialPlan:
+        """A bench study's one trial; its key also covers the bench options."""
+        plan = self.make_trial({}, self.seeds[0])
+        material = json.dumps({"trial": plan.key, "bench": self.spec.bench.model_dump()},
+                              sort_keys=True, default=str)
+        key = hashlib.sha1(material.encode()).hexdigest()[:12]
+        return dataclasses.replace(plan, key=key, label="bench " + ",".join(self.spec.bench.what))
 
     def make_trial(self, params: Mapping[str, Any], seed: int) -> TrialPlan:
         """The trial that sets `params` (dotted keys) and `seed` on the base config.
@@ -608,8 +657,10 @@ def validate_study(mapping: dict, path: str, shown: Optional[str] = None) -> Stu
     study = Study(path=path, spec=spec, base=base, mapping=copy.deepcopy(mapping))
     if spec.grid is not None:
         _check_grid(spec, base, fail)
-    else:
+    elif spec.search is not None:
         _check_search(spec, base, fail)
+    else:
+        _check_bench(spec, base_cfg, fail)
     for i, row in enumerate(spec.reference):
         for key in row.match:
             problem = check_dotted_key(key)
@@ -695,6 +746,20 @@ def _check_grid(spec: StudySpec, base: dict, fail) -> None:
         except ConfigError as err:
             shown = ", ".join(f"{k}={render_value(v)}" for k, v in point.items())
             raise fail("grid", f"the point {{{shown}}} is invalid: {err}") from None
+
+
+def _check_bench(spec: StudySpec, cfg: TrainConfig, fail) -> None:
+    bench, res = spec.bench, spec.resources
+    if cfg.detector.arch != "faster_rcnn":
+        raise fail("detector.arch", f"the benchmark covers Faster R-CNN, got {cfg.detector.arch!r}")
+    if res.workers != 1:
+        raise fail("resources.workers", "a bench study runs in one process; set workers: 1")
+    if bench.amp and res.gpus_per_worker == 0:
+        raise fail("bench.amp", "AMP needs a GPU; set resources.gpus_per_worker or drop amp")
+    if spec.seeds is not None and len(spec.seeds) != 1:
+        raise fail("seeds", "a bench study takes one seed")
+    if spec.reference:
+        raise fail("reference", "a bench study has no table to compare against; drop `reference:`")
 
 
 def _check_search(spec: StudySpec, base: dict, fail) -> None:

@@ -453,6 +453,8 @@ def run_study(study: Study, opts: RunOptions) -> int:
     work_dir = os.path.abspath(opts.work_dir)
     os.makedirs(work_dir, exist_ok=True)
     tracker = Tracker(study, work_dir, opts.tracking_uri)
+    if study.kind == "bench":
+        return _run_bench(study, opts, work_dir, tracker)
     storage_url = opts.optuna_storage or study.spec.tracking.optuna_storage
     ostudy = search.open_study(study, work_dir, storage_url)
     recovered = search.recover_interrupted(ostudy, requeue=study.kind == "search")
@@ -483,6 +485,89 @@ def run_study(study: Study, opts: RunOptions) -> int:
             ray.shutdown()
 
 
+def _run_bench(study: Study, opts: RunOptions, work_dir: str, tracker: Tracker) -> int:
+    """A bench study: its one trial (harness.bench.run_bench_trial) as a Ray task holding the
+    trial's CPU/GPU share, recorded like any trial under a parent run; finished means not rerun."""
+    from harness.trial import failure_reason
+
+    out = opts.stream or sys.stdout
+    plan = study.bench_trial()
+    bench = study.spec.bench
+    res = study.spec.resources
+    max_retries = study.spec.max_retries if opts.max_retries is None else opts.max_retries
+    started, where = _connect_ray(opts.address)
+    previous_term = signal.getsignal(signal.SIGTERM)
+    try:
+        import ray
+
+        plan_concurrency(study, _alive_nodes(), where)  # fails in one line when it cannot be placed
+        print(f"libra run: {study.name} (bench: {', '.join(bench.what)}), {res.describe()} on {where}",
+              file=out)
+        print(f"  work dir  {work_dir}", file=out)
+        print(f"  MLflow    {tracker.uri} (experiment {tracker.experiment_name!r})", file=out)
+        if threading_main():
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+        record = tracker.existing_trials().get(plan.key)
+        tracker.start_parent(work_dir, opts.argv)
+        counts = {"total": 1, "finished": 0, "failed": 0, "pruned": 0}
+        if record is not None and record.state == "finished":
+            print(f"  {plan.label} [{plan.key}]: already done in an earlier run (not run again)",
+                  file=out)
+            tracker.end_parent("FINISHED", counts, None)
+            return 0
+        extra = {f"bench.{k}": v for k, v in bench.model_dump().items()}
+        run_id = tracker.open_trial(plan, record, None, extra_params=extra)
+        payload = {"config": plan.config.to_dict(), "bench": bench.model_dump(), "seed": plan.seed,
+                   "num_threads": res.cpus_per_worker}
+        task = ray.remote(_bench_task).options(num_cpus=res.cpus_per_worker,
+                                               num_gpus=res.gpus_per_worker, max_retries=0,
+                                               name=f"bench-{plan.key}")
+        begun = time.monotonic()
+        attempt = 1
+        while True:
+            print(f"  {plan.label} [{plan.key}]: attempt {attempt} ...", file=out, flush=True)
+            ref = task.remote(payload)
+            try:
+                outcome = ray.get(ref)
+                break
+            except KeyboardInterrupt:
+                ray.cancel(ref, force=True)
+                tracker.end_trial(run_id, "interrupted", attempts=attempt)
+                tracker.end_parent("KILLED", counts, None)
+                raise
+            except Exception as err:  # the benchmark's own error, or its worker died
+                reason = failure_reason(err)
+                if attempt > max_retries:
+                    tracker.end_trial(run_id, "failed", attempts=attempt, reason=reason)
+                    counts["failed"] = 1
+                    tracker.end_parent("FAILED", counts, None)
+                    print(f"  failed: {plan.label}: {reason}\nfix the cause and re-run the same "
+                          "command to retry it", file=out)
+                    return 1
+                print(f"  retrying after: {reason}", file=out)
+                attempt += 1
+        tracker.finish_bench(run_id, outcome, time.monotonic() - begun, attempt)
+        counts["finished"] = 1
+        tracker.end_parent("FINISHED", counts, None)
+        print(f"\n{outcome['markdown']}\n", file=out)
+        print(f"MLflow: {tracker.uri} (experiment {tracker.experiment_name!r}, run {run_id}); "
+              f"browse with: mlflow ui --backend-store-uri {tracker.uri}", file=out)
+        return 0
+    finally:
+        if threading_main():
+            signal.signal(signal.SIGTERM, previous_term)
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _bench_task(payload: dict) -> dict:
+    from harness.bench import run_bench_trial
+
+    return run_bench_trial(payload)
+
+
 def threading_main() -> bool:
     import threading
 
@@ -510,7 +595,17 @@ def describe(study: Study, opts: RunOptions) -> str:
                  + (f" (here: {concurrency} on {cpus} CPUs)" if local is not None else ""))
     lines.append(f"retries: {study.spec.max_retries if opts.max_retries is None else opts.max_retries}"
                  f" per trial; work dir {os.path.abspath(opts.work_dir)}")
-    if study.kind == "grid":
+    if study.kind == "bench":
+        bench = study.spec.bench
+        plan = study.bench_trial()
+        cfg = plan.config
+        lines.append(f"1 trial [{plan.key}]: the component-cost benchmark ({', '.join(bench.what)}) "
+                     f"of {cfg.detector.arch} {cfg.detector.backbone}, device {cfg.schedule.device}, "
+                     f"{bench.warmup} warm-up + {bench.iters} timed rounds, batch "
+                     f"{bench.batch or cfg.schedule.batch_size}"
+                     + (f", image {bench.image_size[0]}x{bench.image_size[1]}" if bench.image_size else "")
+                     + (", AMP" if bench.amp else "") + f", memory {bench.memory}, seed {plan.seed}")
+    elif study.kind == "grid":
         trials = study.trials()
         lines.append(f"{len(trials)} trials:")
         from harness.report import COMPONENT_TITLES, FLAG_KEYS

@@ -90,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
     parents = report.load_parent_runs(uri, experiment)
     if study is None:
         study = _recorded_study(uri, parents)
+    if (study.kind if study else _latest_tag(parents, "libra.kind")) == "bench":
+        print(f"{name} is a bench study: it has no ablation table; its results are the trial's "
+              f"bench.* metrics and bench.md artifact in MLflow ({uri})")
+        return 0
     if work_dir is None:
         recorded = _latest_tag(parents, "libra.work_dir")
         work_dir = recorded if recorded and os.path.isdir(recorded) else (

@@ -23,6 +23,8 @@ def test_every_shipped_study_validates(path):
     study = load_study(path)
     if study.kind == "grid":
         assert study.trials()
+    elif study.kind == "bench":
+        assert study.bench_trial().key
     else:
         assert study.spec.search.num_trials >= 1
 
