@@ -1,4 +1,5 @@
-"""Run a study file (an ablation grid or an Optuna search) on Ray, every trial tracked in MLflow.
+"""Run a study file (an ablation grid, an Optuna search, or a component-cost bench) on Ray,
+every trial tracked in MLflow.
 
 By default everything is local and embedded: a Ray cluster on this machine, an MLflow SQLite
 store and an Optuna journal under the work dir (./libra-work/<study name>). Add --address to run
