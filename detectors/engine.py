@@ -6,9 +6,7 @@ but knows nothing of Ray, Optuna or MLflow: the harness listens through `callbac
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import random
 import resource
@@ -20,7 +18,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from detectors.build import build_detector
 from detectors.config import ConfigError, ScheduleConfig, TrainConfig

@@ -9,7 +9,7 @@ smooth L1 it reproduces torchvision's losses exactly (same random draws in the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

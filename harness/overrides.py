@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import yaml
 

@@ -3,7 +3,6 @@ another COCO-format set given with --val-images/--val-annotations."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
