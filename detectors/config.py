@@ -129,12 +129,10 @@ class DetectorConfig:
 
     @property
     def component_flags(self) -> dict[str, bool]:
-        """The three switches, by short name: what an ablation table's check marks show."""
-        return {
-            "iou_balanced_sampling": self.iou_balanced_sampling.enabled,
-            "balanced_feature_pyramid": self.balanced_feature_pyramid.enabled,
-            "balanced_l1_loss": self.balanced_l1_loss.enabled,
-        }
+        """Each component's switch, by name (detectors/components.py): the table's check marks."""
+        from detectors.components import components
+
+        return {c.name: c.enabled(self) for c in components()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,25 +45,20 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from detectors.components import components, count_word
 from detectors.config import DetectorConfig, from_mapping, to_plain
 
 Progress = Callable[[str], None]
 
-# Variant name -> which components are on (sampling, pyramid, balanced L1).
-VARIANTS: dict[str, tuple[bool, bool, bool]] = {
-    "baseline": (False, False, False),
-    "+iou_balanced_sampling": (True, False, False),
-    "+balanced_feature_pyramid": (False, True, False),
-    "+balanced_l1_loss": (False, False, True),
-    "libra (all three)": (True, True, True),
-}
 BASELINE = "baseline"
+# The variant whose training step the sampler's cost is a share of.
+SAMPLER_VARIANT = "+iou_balanced_sampling"
 # A second, identical baseline timed alongside: its ratios to the baseline show the run's noise.
 CONTROL = "baseline again (A/A control)"
 
@@ -72,23 +67,43 @@ def _quiet(_: str) -> None:
     pass
 
 
+def all_on() -> str:
+    """The variant with every component on: "libra (all three)"."""
+    return f"libra (all {count_word()})"
+
+
+def variants() -> dict[str, tuple[bool, ...]]:
+    """Variant name -> which components are on, in detectors.components order: the baseline
+    (all off), "+<name>" for each component alone, and all of them on."""
+    names = [c.name for c in components()]
+    out = {BASELINE: (False,) * len(names)}
+    out.update({f"+{name}": tuple(n == name for n in names) for name in names})
+    out[all_on()] = (True,) * len(names)
+    return out
+
+
+def __getattr__(name: str):
+    # VARIANTS as a module attribute, derived from detectors.components on access.
+    if name == "VARIANTS":
+        return variants()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # =============================================================================================
 # Component variants and the synthetic batch.
 # =============================================================================================
 def component_variants(base: DetectorConfig) -> dict[str, DetectorConfig]:
-    """The five configurations of VARIANTS, from `base` with only the three switches changed.
+    """The configurations of `variants()`, from `base` with only the components' switches changed.
 
     Every other setting of a component (num_bins, refine_type, alpha, ...) comes from `base`.
     """
-    variants = {}
-    for name, (sampling, pyramid, balanced_l1) in VARIANTS.items():
-        variants[name] = dataclasses.replace(
-            base,
-            iou_balanced_sampling=dataclasses.replace(base.iou_balanced_sampling, enabled=sampling),
-            balanced_feature_pyramid=dataclasses.replace(base.balanced_feature_pyramid, enabled=pyramid),
-            balanced_l1_loss=dataclasses.replace(base.balanced_l1_loss, enabled=balanced_l1),
-        )
-    return variants
+    out = {}
+    for name, switches in variants().items():
+        cfg = base
+        for comp, on in zip(components(), switches):
+            cfg = comp.turned(cfg, on)
+        out[name] = cfg
+    return out
 
 
 def synthetic_batch(
@@ -161,9 +176,7 @@ class VariantResult:
     """One variant's figures. Times in seconds; ratios are to the baseline (baseline = 1.0)."""
 
     variant: str
-    iou_balanced_sampling: bool
-    balanced_feature_pyramid: bool
-    balanced_l1_loss: bool
+    flags: dict[str, bool]  # component name -> on, in detectors.components order
     num_params: int
     train_step_s: float  # median over timed rounds (the IQR beside it is over rounds too)
     train_step_s_q25: float
@@ -185,6 +198,19 @@ class VariantResult:
     # ~0.7 GB that importing torch costs every process alike; None on CUDA (already excluded).
     memory_above_idle_ratio: Optional[float]
     final_loss: float  # last timed step's total loss: finite, or the timings are suspect
+
+    def __getattr__(self, name: str):
+        # row.iou_balanced_sampling etc.: each component's switch reads like a field.
+        flags = self.__dict__.get("flags") or {}
+        if name in flags:
+            return flags[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def as_row(self) -> dict[str, Any]:
+        """Flat mapping for a CSV: variant, one bool per component, then the figures."""
+        row = dataclasses.asdict(self)
+        flags = row.pop("flags")
+        return {"variant": row.pop("variant"), **flags, **row}
 
 
 class _Runner:
@@ -282,7 +308,7 @@ def run_model_bench(
     *,
     progress: Progress = _quiet,
 ) -> ModelBenchResult:
-    """Time the VARIANTS of `base` side by side (plus an A/A control copy of the baseline).
+    """Time the `variants()` of `base` side by side (plus an A/A control copy of the baseline).
 
     Procedure: build every variant (torch.manual_seed(seed) before each, so shared parts start
     from the same weights); make one synthetic batch on the device; run `warmup` untimed rounds
@@ -299,6 +325,7 @@ def run_model_bench(
     device = torch.device(settings.device)
     if settings.iters < 1 or settings.warmup < 0:
         raise ValueError(f"iters must be >= 1 and warmup >= 0, got {settings.iters} and {settings.warmup}")
+    table = variants()
     configs = component_variants(base)
     if settings.control:
         configs[CONTROL] = configs[BASELINE]
@@ -383,10 +410,10 @@ def run_model_bench(
             memory_ratio = peak_mb[name] / peak_mb[BASELINE]
         if idle_mb[name] is not None and peak_mb[BASELINE] - idle_mb[BASELINE] > 0:
             above_idle_ratio = (peak_mb[name] - idle_mb[name]) / (peak_mb[BASELINE] - idle_mb[BASELINE])
-        sampling, pyramid, balanced_l1 = VARIANTS.get(name, VARIANTS[BASELINE])
+        switches = table.get(name, table[BASELINE])
         results.append(VariantResult(
-            variant=name, iou_balanced_sampling=sampling, balanced_feature_pyramid=pyramid,
-            balanced_l1_loss=balanced_l1, num_params=num_params[name],
+            variant=name, flags={c.name: on for c, on in zip(components(), switches)},
+            num_params=num_params[name],
             train_step_s=tmed, train_step_s_q25=tq25, train_step_s_q75=tq75,
             infer_batch_s=imed, infer_batch_s_q25=iq25, infer_batch_s_q75=iq75,
             infer_images_per_s=settings.batch_size / imed, peak_memory_mb=peak_mb[name],
@@ -409,6 +436,42 @@ def bench_metrics(results: Sequence[VariantResult]) -> dict[str, float]:
             if value is not None:
                 metrics[f"bench.{key}.{figure}"] = float(value)
     return metrics
+
+
+def fmt(value: Optional[float], spec: str = ".3f", missing: str = "n/m") -> str:
+    """A figure as text; `missing` for one not measured."""
+    return missing if value is None else format(value, spec)
+
+
+def model_table(rows: Sequence[VariantResult]) -> list[dict[str, str]]:
+    """The component-cost table: one row of display strings per variant."""
+    table = []
+    for r in rows:
+        row = {
+            "variant": r.variant,
+            "train s/step (median [IQR])": f"{r.train_step_s:.4f} [{r.train_step_s_q25:.4f}, {r.train_step_s_q75:.4f}]",
+            "train time ratio [paired IQR]": f"{r.train_time_ratio:.3f} [{r.train_time_ratio_q25:.3f}, {r.train_time_ratio_q75:.3f}]",
+            "inference images/s": f"{r.infer_images_per_s:.2f}",
+            "inference s/batch [IQR]": f"{r.infer_batch_s:.4f} [{r.infer_batch_s_q25:.4f}, {r.infer_batch_s_q75:.4f}]",
+            "throughput ratio": f"{r.infer_throughput_ratio:.3f}",
+            "peak memory MB": fmt(r.peak_memory_mb, ".0f"),
+            "memory ratio": fmt(r.memory_ratio),
+        }
+        if r.idle_memory_mb is not None:
+            row["MB above idle"] = fmt(r.peak_memory_mb - r.idle_memory_mb, ".0f")
+            row["above-idle ratio"] = fmt(r.memory_above_idle_ratio)
+        table.append(row)
+    return table
+
+
+def md_table(rows: list[dict[str, str]]) -> str:
+    """A markdown pipe table with the keys of the first row as its header."""
+    if not rows:
+        return ""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(row.get(k, "")) for k in header) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- CPU memory probe
@@ -1136,7 +1199,6 @@ def run_bench_trial(payload: dict) -> dict:
     "device": where it ran}; plain Python, so it pickles back to the driver.
     """
     from detectors.config import TrainConfig
-    from harness.commands.bench import _md_table, _model_table
 
     torch.set_num_threads(int(payload["num_threads"]))
     cfg = TrainConfig.from_dict(payload["config"])
@@ -1162,8 +1224,8 @@ def run_bench_trial(payload: dict) -> dict:
     if "model" in opts["what"]:
         model = run_model_bench(det, settings)
         metrics.update(bench_metrics(model.rows))
-        md += ["## Component costs against the baseline", "", _md_table(_model_table(model.rows)), ""]
-        step = next(r.train_step_s for r in model.rows if r.variant == "+iou_balanced_sampling")
+        md += ["## Component costs against the baseline", "", md_table(model_table(model.rows)), ""]
+        step = next(r.train_step_s for r in model.rows if r.variant == SAMPLER_VARIANT)
     if "sampler" in opts["what"]:
         sampler = run_sampler_bench(
             device=device, reps=int(opts["sampler_reps"]), num_proposals=det.rpn_post_nms_top_n_train,
@@ -1177,5 +1239,5 @@ def run_bench_trial(payload: dict) -> dict:
             if value is not None:
                 metrics[f"bench.sampler.{figure}"] = float(value)
                 row[figure] = f"{value:.3f}"
-        md += ["## IoU-balanced sampler (one image)", "", _md_table([row]), ""]
+        md += ["## IoU-balanced sampler (one image)", "", md_table([row]), ""]
     return {"metrics": metrics, "markdown": "\n".join(md), "device": device}

@@ -34,11 +34,33 @@ import yaml
 
 from harness.errors import UserError
 from harness.spec import render_value, short_names
-from harness.tracking import FLAGS, KEY, ROLE, STATE, check_reachable
+from detectors.components import components, count_word
+from harness.tracking import KEY, ROLE, STATE, check_reachable
 
-FLAG_KEYS = {f"detector.{name}.enabled": name for name in FLAGS}  # dotted key -> flag
-COMPONENT_TITLES = {"iou_balanced_sampling": "IoU-sampling", "balanced_feature_pyramid": "BFP",
-                    "balanced_l1_loss": "BL1"}
+
+# The component columns follow detectors.components at call time (a registered component shows).
+def flags() -> tuple[str, ...]:
+    """Component names, in declaration order: one bool column each in runs and tables."""
+    return tuple(c.name for c in components())
+
+
+def flag_keys() -> dict[str, str]:
+    """Dotted switch key -> component name."""
+    return {c.key: c.name for c in components()}
+
+
+def component_titles() -> dict[str, str]:
+    """Component name -> column header."""
+    return {c.name: c.title for c in components()}
+
+
+def __getattr__(name: str):
+    # FLAGS, FLAG_KEYS, COMPONENT_TITLES as module attributes, computed on access.
+    live = {"FLAGS": flags, "FLAG_KEYS": flag_keys, "COMPONENT_TITLES": component_titles}
+    if name in live:
+        return live[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 CHECK = "✓"
 NOT_SEPARATED = "†"  # the interval contains 0
 DAGGER_NOTE = "the 95% CI contains 0: not separated from zero"
@@ -80,7 +102,7 @@ _PLACEMENT_KEYS = ("schedule.seed", "schedule.num_threads", "schedule.device", "
                    "data.val_annotations", "resources.cpus_per_worker", "resources.gpus_per_worker")
 
 _FIXED = ("run_id", "label", "trial_key", "state", "reason", "seed", "optuna_trial", "status",
-          "start_time", "parent_run_id", "params", "config", "tags") + FLAGS
+          "start_time", "parent_run_id", "params", "config", "tags")
 
 
 # ------------------------------------------------------------------------------------------
@@ -115,7 +137,7 @@ def load_study_runs(tracking_uri: str, experiment_name: str):
     Columns: run_id, label, trial_key, state (libra.trial_state), reason (failures), seed,
     optuna_trial, status, start_time, parent_run_id; params (dict: the varied dotted keys ->
     values, from libra.params), config (dict: every dotted param, read back with
-    yaml.safe_load), tags (dict); one bool column per component flag (FLAGS); and one float
+    yaml.safe_load), tags (dict); one bool column per component (flags()); and one float
     column per metric with MLflow's latest value (the value at the last step: the last
     evaluated epoch for bbox_*), in MLflow's units (AP as a fraction). Empty when the store,
     the experiment or its trials do not exist. Ordered by start time.
@@ -210,14 +232,13 @@ def tidy_runs(frame):
             "parent_run_id": tags.get("mlflow.parentRunId"),
             "params": params, "config": config, "tags": tags,
         }
-        for name in FLAGS:
-            text = tags.get(f"libra.flag.{name}")
-            row[name] = (text == "true") if text is not None else bool(
-                config.get(f"detector.{name}.enabled", False))
+        for comp in components():
+            text = tags.get(f"libra.flag.{comp.name}")
+            row[comp.name] = (text == "true") if text is not None else bool(config.get(comp.key, False))
         row.update(metrics)
         rows.append(row)
     out = pd.DataFrame(rows)
-    for name in _FIXED:
+    for name in _FIXED + flags():
         if name not in out.columns:
             out[name] = pd.Series(dtype=object)
     if len(out):
@@ -316,7 +337,7 @@ def ablation_table(runs, varied_keys: Sequence[str], columns: Sequence[Column] =
     import pandas as pd
 
     varied = list(varied_keys)
-    others = [k for k in varied if k not in FLAG_KEYS]
+    others = [k for k in varied if k not in flag_keys()]
     short = short_names(others)
     columns = list(columns)
     delta = next((c for c in columns if c.metric == delta_metric), None) if delta_metric else None
@@ -341,7 +362,7 @@ def ablation_table(runs, varied_keys: Sequence[str], columns: Sequence[Column] =
         done = [r for r in group["runs"] if r.get("state") == "finished"]
         first = group["runs"][0]
         row: dict[str, Any] = {"label": _label(group["values"], varied, short)}
-        for name in FLAGS:
+        for name in flags():
             row[name] = bool(first.get(name))
         for key in others:
             row[key] = group["values"][key]
@@ -436,12 +457,13 @@ def _group_id(values: Mapping[str, Any]) -> str:
 def _label(values: Mapping[str, Any], varied: Sequence[str], short: Mapping[str, str]) -> str:
     """'IoU-sampling + BFP', 'no components', 'alpha=0.5, gamma=1.5' ..."""
     parts = []
-    flags = [k for k in varied if k in FLAG_KEYS]
-    if flags:
-        on = [COMPONENT_TITLES[FLAG_KEYS[k]] for k in flags if values.get(k) is True]
+    by_key = {c.key: c for c in components()}
+    switches = [k for k in varied if k in by_key]
+    if switches:
+        on = [by_key[k].title for k in switches if values.get(k) is True]
         parts.append(" + ".join(on) if on else "no components")
     for key in varied:
-        if key not in FLAG_KEYS:
+        if key not in by_key:
             value = values.get(key, _MISSING)
             parts.append(f"{short.get(key, key)}={'?' if value is _MISSING else render_value(value)}")
     return ", ".join(parts) if parts else "all trials"
@@ -467,12 +489,12 @@ def _pick_baseline(table, delta: Column, baseline: Optional[int]) -> tuple[int, 
         if not 0 <= baseline < len(table):
             raise UserError(f"baseline row {baseline} does not exist; the table has {len(table)} rows")
         return baseline, f"baseline: row {table.at[baseline, 'label']!r} (chosen)"
-    off = has & ~table[list(FLAGS)].any(axis=1)
+    off = has & ~table[list(flags())].any(axis=1)
     if off.any():
         index = int(off.idxmax())
-        return index, f"baseline: {table.at[index, 'label']!r}, the row with all three components off"
+        return index, f"baseline: {table.at[index, 'label']!r}, the row with all {count_word()} components off"
     index = int(has.idxmax()) if has.any() else 0
-    return index, (f"baseline: no row has all three components off, so the first row with "
+    return index, (f"baseline: no row has all {count_word()} components off, so the first row with "
                    f"results, {table.at[index, 'label']!r}, is the baseline")
 
 
@@ -611,7 +633,7 @@ def _cells(table, latex: bool) -> tuple[list[str], list[str], list[list[str]], l
     heads: list[tuple[str, str]] = []  # (header, alignment)
     if search:
         heads.append(("trial", "l"))
-    heads += [(COMPONENT_TITLES[name], "c") for name in FLAGS]
+    heads += [(c.title, "c") for c in components()]
     heads += [(esc(short.get(k, k)), "l") for k in others]
     if not multi and not search:
         heads.append(("seeds", "l"))
@@ -631,7 +653,7 @@ def _cells(table, latex: bool) -> tuple[list[str], list[str], list[list[str]], l
         row = []
         if search:
             row.append(esc(str(table.at[i, "optuna_trials"]) or "-"))
-        for name in FLAGS:
+        for name in flags():
             row.append(("\\checkmark" if latex else CHECK) if table.at[i, name] else "")
         for key in others:
             row.append(esc(_show_value(table.at[i, key])))

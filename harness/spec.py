@@ -59,6 +59,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from detectors.components import components
 from detectors.config import ConfigError, TrainConfig
 from harness.errors import UserError
 
@@ -439,10 +440,11 @@ class Study:
 
     def _label(self, params: Mapping[str, Any], seed: int) -> str:
         short = short_names(self.varied_keys)
+        codes = component_codes()
         parts = []
         for key, value in params.items():
-            if key in COMPONENT_CODES and isinstance(value, bool):
-                parts.append(("+" if value else "-") + COMPONENT_CODES[key])
+            if key in codes and isinstance(value, bool):
+                parts.append(("+" if value else "-") + codes[key])
             else:
                 shown = f"{value:.4g}" if isinstance(value, float) else render_value(value)
                 parts.append(f"{short.get(key, key)}={shown}")
@@ -451,12 +453,9 @@ class Study:
         return " ".join(parts)
 
 
-# Labels write the three switches compactly: "+ibs -bfp +bl1" (on, off, on).
-COMPONENT_CODES = {
-    "detector.iou_balanced_sampling.enabled": "ibs",
-    "detector.balanced_feature_pyramid.enabled": "bfp",
-    "detector.balanced_l1_loss.enabled": "bl1",
-}
+def component_codes() -> dict[str, str]:
+    """Labels write the switches compactly: "+ibs -bfp +bl1" (on, off, on); key -> code."""
+    return {c.key: c.code for c in components()}
 
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:

@@ -23,6 +23,7 @@ import sys
 import time
 from typing import Any, Optional, Sequence, TextIO
 
+from detectors.components import components
 from detectors.config import ConfigError
 from harness import search
 from harness.errors import UserError
@@ -608,10 +609,9 @@ def describe(study: Study, opts: RunOptions) -> str:
     elif study.kind == "grid":
         trials = study.trials()
         lines.append(f"{len(trials)} trials:")
-        from harness.report import COMPONENT_TITLES, FLAG_KEYS
-
         short = short_names(study.varied_keys)
-        titles = {k: COMPONENT_TITLES[FLAG_KEYS[k]] if k in FLAG_KEYS else short[k] for k in study.varied_keys}
+        switches = {c.key: c.title for c in components()}
+        titles = {k: switches.get(k, short[k]) for k in study.varied_keys}
         table = pd.DataFrame([{"#": i, "trial_key": t.key,
                                **{titles[k]: render_value(t.params[k]) if k in t.params else "-"
                                   for k in study.varied_keys},

@@ -29,8 +29,8 @@ resumed trial keeps its run, and so its first parent). Run name: the trial's lab
     tags     libra.role = "trial", libra.study, libra.trial_key, libra.label,
              libra.params (JSON object: the dotted keys this trial varies -> values),
              libra.seed, libra.arch, libra.backbone,
-             libra.flag.iou_balanced_sampling, libra.flag.balanced_feature_pyramid,
-             libra.flag.balanced_l1_loss  ("true" | "false"),
+             libra.flag.<component> ("true" | "false") for each of detectors.components
+             (libra.flag.iou_balanced_sampling, libra.flag.balanced_feature_pyramid, ...),
              libra.trial_state = running | finished | failed | pruned | interrupted,
              libra.failure_reason (failed only), libra.attempts (attempts of the last invocation),
              libra.optuna_trial (the Optuna trial number), libra.git_commit, libra.version.*
@@ -80,7 +80,6 @@ from harness.spec import Study, TrialPlan, flatten, render_value
 ROLE = "libra.role"
 STATE = "libra.trial_state"
 KEY = "libra.trial_key"
-FLAGS = ("iou_balanced_sampling", "balanced_feature_pyramid", "balanced_l1_loss")
 
 _STATUS = {"finished": "FINISHED", "failed": "FAILED", "pruned": "KILLED", "interrupted": "KILLED"}
 

@@ -304,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
     if "sampler" in plan.parts:
         step = None
         if model_rows:
-            step = next(r.train_step_s for r in model_rows if r.variant == "+iou_balanced_sampling")
+            step = next(r.train_step_s for r in model_rows if r.variant == bench.SAMPLER_VARIANT)
         sampler = bench.run_sampler_bench(
             device=str(plan.device), reps=args.sampler_reps,
             num_proposals=plan.detector.rpn_post_nms_top_n_train,
@@ -369,47 +369,14 @@ def _command_line(args: argparse.Namespace, plan: _Plan) -> str:
 
 
 # ------------------------------------------------------------------------------------ report
-def _fmt(value: Optional[float], spec: str = ".3f", missing: str = "n/m") -> str:
-    return missing if value is None else format(value, spec)
-
-
-def _model_table(rows) -> list[dict[str, str]]:
-    table = []
-    for r in rows:
-        row = {
-            "variant": r.variant,
-            "train s/step (median [IQR])": f"{r.train_step_s:.4f} [{r.train_step_s_q25:.4f}, {r.train_step_s_q75:.4f}]",
-            "train time ratio [paired IQR]": f"{r.train_time_ratio:.3f} [{r.train_time_ratio_q25:.3f}, {r.train_time_ratio_q75:.3f}]",
-            "inference images/s": f"{r.infer_images_per_s:.2f}",
-            "inference s/batch [IQR]": f"{r.infer_batch_s:.4f} [{r.infer_batch_s_q25:.4f}, {r.infer_batch_s_q75:.4f}]",
-            "throughput ratio": f"{r.infer_throughput_ratio:.3f}",
-            "peak memory MB": _fmt(r.peak_memory_mb, ".0f"),
-            "memory ratio": _fmt(r.memory_ratio),
-        }
-        if r.idle_memory_mb is not None:
-            row["MB above idle"] = _fmt(r.peak_memory_mb - r.idle_memory_mb, ".0f")
-            row["above-idle ratio"] = _fmt(r.memory_above_idle_ratio)
-        table.append(row)
-    return table
-
-
-def _md_table(rows: list[dict[str, str]]) -> str:
-    if not rows:
-        return ""
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(row.get(k, "")) for k in header) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _target_lines(rows, sampler, plan: _Plan, amp: bool) -> list[str]:
-    from harness.bench import CONTROL
+    from harness.bench import CONTROL, all_on
 
     at_paper = plan.preset == "paper" and plan.device.type == "cuda" and plan.detector.backbone == "resnet50" \
         and plan.image_hw == (800, 1333)
     lines = []
     if rows:
-        libra = next(r for r in rows if r.variant == "libra (all three)")
+        libra = next(r for r in rows if r.variant == all_on())
         where = ("GPU at the paper's settings" if at_paper else
                  f"{plan.device.type.upper()}, {plan.preset}: the target is stated for a GPU at the paper's "
                  "settings, this is the same ratio on this configuration")
@@ -445,7 +412,7 @@ def write_report(out_dir: Path, name: str, *, plan: _Plan, args, settings, machi
     """Write <name>.md (everything) and a CSV per measured part; returns the paths."""
     import pandas as pd
 
-    from harness.bench import CONTROL
+    from harness.bench import CONTROL, fmt as _fmt, md_table as _md_table, model_table as _model_table
 
     model_rows = model.rows if model else None
 
@@ -485,7 +452,7 @@ def write_report(out_dir: Path, name: str, *, plan: _Plan, args, settings, machi
                   "are overstated.")
         md += ["", _md_table(_model_table(model_rows)), ""]
         csv_path = out_dir / f"{name}.csv"
-        pd.DataFrame([dataclasses.asdict(r) for r in model_rows]).to_csv(csv_path, index=False)
+        pd.DataFrame([r.as_row() for r in model_rows]).to_csv(csv_path, index=False)
         files.append(csv_path)
         csv_path = out_dir / f"{name}-rounds.csv"
         pd.DataFrame(model.rounds).to_csv(csv_path, index=False)
@@ -605,6 +572,8 @@ def _agreement(row) -> str:
 
 
 def _summary(model_rows, sampler, cocoeval_rows, harness_cost=None) -> str:
+    from harness.bench import fmt as _fmt
+
     lines = []
     if model_rows:
         lines.append(f"{'variant':<28}{'train s/step':>13}{'ratio':>8}{'img/s':>9}{'ratio':>8}{'peak MB':>9}{'ratio':>8}")
