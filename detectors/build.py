@@ -11,20 +11,28 @@ registry, no monkeypatching), so the tree below reads top to bottom:
         transform  = resize to min_size/max_size + ImageNet normalisation)
 
 With every switch off this is torchvision's Faster R-CNN + FPN, parameter for parameter.
+`build_retinanet(cfg)` composes the one-stage variant the same way from the parts in
+detectors/retinanet.py (whose docstring draws its tree). Imports run one way: this module
+imports the components' modules, never the reverse.
 """
 from __future__ import annotations
+
+from functools import partial
 
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from detectors.backbones import build_backbone
+from detectors.backbones import TinyConvNet, build_backbone
 from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid
 from detectors.config import DetectorConfig
+from detectors.retinanet import BalancedL1RetinaNetHead, LibraRetinaNet, retinanet_anchor_sizes
 from detectors.roi_heads import LibraRoIHeads, ProposalSampling, make_balanced_l1_box_loss, smooth_l1_box_loss
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,8 +45,6 @@ def build_detector(cfg: DetectorConfig) -> nn.Module:
     """A detector with torchvision's contract: train mode returns a dict of `loss_*` tensors,
     eval mode a list of {"boxes" [K, 4] xyxy in input pixels, "labels" [K], "scores" [K]}."""
     if cfg.arch == "retinanet":
-        from detectors.retinanet import build_retinanet
-
         return build_retinanet(cfg)
     return build_faster_rcnn(cfg)
 
@@ -118,3 +124,71 @@ def build_faster_rcnn(cfg: DetectorConfig) -> GeneralizedRCNN:
         box_loss=box_loss,
     )
     return GeneralizedRCNN(backbone, rpn, roi_heads, build_transform(cfg))
+
+
+def build_retinanet(cfg: DetectorConfig) -> LibraRetinaNet:
+    """RetinaNet on cfg.backbone with the BFP and the balanced L1 loss as cfg switches them.
+
+    Train mode: model(images, targets) -> {"loss_classifier", "loss_box_reg"} (focal loss and
+    box loss, each averaged over images). Eval mode: model(images) -> per image {"boxes" [K, 4]
+    xyxy in input pixels, "labels" [K] in 1..num_classes, "scores" [K]}.
+    """
+    # FPN on C3..C5 (strides 8..32) plus P6/P7 (strides 64, 128), five levels as the BFP expects.
+    # P6 comes from C5, as in the RetinaNet paper, mmdetection (Libra RetinaNet included) and
+    # torchvision's retinanet_resnet50_fpn_v2 (its v1 takes P5).
+    extra_blocks = LastLevelP6P7(_c5_channels(cfg.backbone), cfg.fpn_channels)
+    # torchvision's block switches to P5 when C5 happens to have the FPN's width; keep C5 always,
+    # so the architecture does not change with fpn_channels.
+    extra_blocks.use_P5 = False
+    backbone = build_backbone(
+        cfg.backbone,
+        fpn_channels=cfg.fpn_channels,
+        pretrained=cfg.pretrained,
+        trainable_layers=cfg.trainable_backbone_layers,
+        returned_layers=(2, 3, 4),
+        extra_blocks=extra_blocks,
+    )
+    backbone = with_balanced_pyramid(backbone, cfg)  # refine_level as configured: 1 is P4 here
+
+    anchors = AnchorGenerator(
+        sizes=retinanet_anchor_sizes(cfg.anchor_sizes),
+        aspect_ratios=(ASPECT_RATIOS,) * NUM_FPN_LEVELS,
+    )
+    num_anchors = anchors.num_anchors_per_location()[0]
+    num_outputs = cfg.num_classes + 1  # column 0 is background, never a positive (see LibraRetinaNet)
+    loss_cfg = cfg.balanced_l1_loss
+    # GroupNorm(32) in the head's convs, as torchvision's v2 head: without it the head's small
+    # initial weights pass almost no signal from a backbone trained from scratch.
+    norm_layer = partial(nn.GroupNorm, 32) if cfg.head_norm == "group" else None
+    if loss_cfg.enabled:
+        head = BalancedL1RetinaNetHead(
+            backbone.out_channels, num_anchors, num_outputs,
+            alpha=loss_cfg.alpha, gamma=loss_cfg.gamma, beta=loss_cfg.beta, norm_layer=norm_layer,
+        )
+    else:
+        head = RetinaNetHead(backbone.out_channels, num_anchors, num_outputs, norm_layer=norm_layer)  # L1
+
+    # Matching stays torchvision's (and the paper's): IoU >= 0.5 foreground, < 0.4 background,
+    # every gt box keeps its best anchors; 1000 candidates per level before NMS.
+    return LibraRetinaNet(
+        backbone,
+        num_classes=num_outputs,
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        anchor_generator=anchors,
+        head=head,
+        score_thresh=cfg.box_score_thresh,
+        nms_thresh=cfg.box_nms_thresh,
+        detections_per_img=cfg.box_detections_per_img,
+    )
+
+
+def _c5_channels(backbone_name: str) -> int:
+    """Channels of the backbone's last stage (C5), which P6 is computed from."""
+    if backbone_name == "tiny":
+        return TinyConvNet.widths[-1]
+    # torchvision's BasicBlock ResNets end in 512 channels, the Bottleneck ones (ResNeXt and
+    # wide ResNets included) in 2048. An unknown name is build_backbone's ConfigError to raise.
+    return 512 if backbone_name in ("resnet18", "resnet34") else 2048
