@@ -33,7 +33,9 @@ from detectors.backbones import TinyConvNet, build_backbone
 from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid
 from detectors.config import DetectorConfig
 from detectors.retinanet import BalancedL1RetinaNetHead, LibraRetinaNet, retinanet_anchor_sizes
-from detectors.roi_heads import LibraRoIHeads, ProposalSampling, make_balanced_l1_box_loss, smooth_l1_box_loss
+from detectors.roi_heads import (LibraRoIHeads, ProposalSampler, make_balanced_l1_box_loss, random_draw,
+                                 smooth_l1_box_loss)
+from detectors.sampling import instance_balanced_pos_sample, iou_balanced_neg_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,15 +95,14 @@ def build_faster_rcnn(cfg: DetectorConfig) -> GeneralizedRCNN:
     )
 
     sampler_cfg = cfg.iou_balanced_sampling
-    sampling = ProposalSampling(
-        batch_size_per_image=cfg.roi_batch_size_per_image,
-        positive_fraction=cfg.roi_positive_fraction,
-        iou_balanced=sampler_cfg.enabled,
-        num_bins=sampler_cfg.num_bins,
-        floor_thr=sampler_cfg.floor_thr,
-        floor_fraction=sampler_cfg.floor_fraction,
-        instance_balanced_pos=sampler_cfg.enabled and sampler_cfg.instance_balanced_pos,
-    )
+    neg_draw = pos_draw = random_draw
+    if sampler_cfg.enabled:
+        neg_draw = partial(iou_balanced_neg_sample, num_bins=sampler_cfg.num_bins,
+                           floor_thr=sampler_cfg.floor_thr, floor_fraction=sampler_cfg.floor_fraction)
+        if sampler_cfg.instance_balanced_pos:
+            pos_draw = instance_balanced_pos_sample
+    sampler = ProposalSampler(cfg.roi_batch_size_per_image, cfg.roi_positive_fraction,
+                              pos_draw=pos_draw, neg_draw=neg_draw)
     loss_cfg = cfg.balanced_l1_loss
     box_loss = (
         make_balanced_l1_box_loss(loss_cfg.alpha, loss_cfg.gamma, loss_cfg.beta)
@@ -120,7 +121,7 @@ def build_faster_rcnn(cfg: DetectorConfig) -> GeneralizedRCNN:
         score_thresh=cfg.box_score_thresh,
         nms_thresh=cfg.box_nms_thresh,
         detections_per_img=cfg.box_detections_per_img,
-        sampling=sampling,
+        sampler=sampler,
         box_loss=box_loss,
     )
     return GeneralizedRCNN(backbone, rpn, roi_heads, build_transform(cfg))

@@ -2,8 +2,8 @@
 
 torchvision's `RoIHeads` matches proposals to ground truth, throws the IoU matrix away, samples
 with labels only, and hard-wires smooth L1 (beta 1/9) in a module-level function. This subclass
-keeps the max IoU of every proposal from the matching step, hands it to an injected negative
-sampler, and computes the box loss with an injected function. With the random sampler and
+keeps the max IoU of every proposal from the matching step, hands it to an injected sampler
+(one callable, as torchvision's fg_bg_sampler), and computes the box loss with an injected function. With the random sampler and
 smooth L1 it reproduces torchvision's losses exactly (same random draws in the same order).
 """
 from __future__ import annotations
@@ -18,7 +18,6 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
 from detectors.losses import balanced_l1_loss
-from detectors.sampling import instance_balanced_pos_sample, iou_balanced_neg_sample
 
 # A box loss maps predicted and target deltas [P, 4] (encoded with weights 10, 10, 5, 5) to the
 # SUM of the per-element losses; the caller normalises.
@@ -39,40 +38,71 @@ def make_balanced_l1_box_loss(alpha: float, gamma: float, beta: float) -> BoxLos
     return box_loss
 
 
-@dataclass(frozen=True)
-class ProposalSampling:
-    """How the second stage picks its RoIs per image.
+# A draw picks `num` of a pool from one value per member ([M]: the negatives' max IoU, or the
+# positives' matched gt index) and returns indices [min(num, M)] into the pool.
+Draw = Callable[[Tensor, int], Tensor]
 
-    batch_size_per_image RoIs, of which at most positive_fraction positives. Negatives at random
-    (baseline) or IoU-balanced over num_bins bins; positives at random or instance-balanced.
+
+def random_draw(values: Tensor, num: int) -> Tensor:
+    """torchvision's draw: the first `num` of a random permutation of the pool [M]."""
+    return torch.randperm(values.numel(), device=values.device)[:num]
+
+
+@dataclass(frozen=True)
+class ProposalSampler:
+    """How the second stage picks its RoIs per image: one callable, as torchvision's fg_bg_sampler.
+
+    batch_size_per_image RoIs, of which at most positive_fraction positives; `pos_draw` picks the
+    positives (from their matched gt index), `neg_draw` the negatives (from their max IoU).
+    With both `random_draw` it draws exactly as torchvision's BalancedPositiveNegativeSampler
+    (a randperm of the positives, then of the negatives), so the all-off model reproduces
+    torchvision's losses draw for draw. detectors/build.py injects IoU-balanced negatives
+    (detectors.sampling.iou_balanced_neg_sample) and instance-balanced positives.
     """
 
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
-    iou_balanced: bool = False
-    num_bins: int = 3
-    floor_thr: float = -1.0
-    floor_fraction: float = 0.0
-    instance_balanced_pos: bool = False
+    pos_draw: Draw = random_draw
+    neg_draw: Draw = random_draw
+
+    def __call__(self, labels: Tensor, matched_idxs: Tensor, max_ious: Tensor) -> Tensor:
+        """Indices [S] (sorted) of the RoIs one image trains on.
+
+        Args:
+            labels: [R] class of each proposal, 0 background, -1 ignored.
+            matched_idxs: [R] index of the matched gt box (meaningful for positives).
+            max_ious: [R] max IoU of each proposal with any gt box.
+        """
+        positive = torch.where(labels >= 1)[0]
+        negative = torch.where(labels == 0)[0]
+        num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+        num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+        pos_keep = self.pos_draw(matched_idxs[positive], num_pos)
+        neg_keep = self.neg_draw(max_ious[negative], num_neg)
+        keep = torch.cat([positive[pos_keep], negative[neg_keep]])
+        return keep.sort().values
 
 
 class LibraRoIHeads(RoIHeads):
     """torchvision's RoIHeads with an injectable proposal sampler and box-regression loss.
 
     Args (beyond RoIHeads' own, which are passed through unchanged):
-        sampling: how RoIs are drawn per image (ProposalSampling).
+        sampler: (labels [R], matched gt index [R], max IoU [R]) of one image -> the sorted
+            indices [S] of the RoIs it trains on (ProposalSampler).
         box_loss: maps [P, 4] predicted and target deltas of the positives to a summed loss;
             normalised here by the number of sampled RoIs, like torchvision's fastrcnn_loss.
     """
 
-    def __init__(self, *args, sampling: ProposalSampling, box_loss: BoxLoss = smooth_l1_box_loss, **kwargs):
+    def __init__(self, *args, sampler: ProposalSampler, box_loss: BoxLoss = smooth_l1_box_loss, **kwargs):
+        # torchvision's own fg_bg_sampler is built from these and never called: sampling goes
+        # through select_training_samples below, which needs the max IoU torchvision drops.
         super().__init__(
             *args,
-            batch_size_per_image=sampling.batch_size_per_image,
-            positive_fraction=sampling.positive_fraction,
+            batch_size_per_image=getattr(sampler, "batch_size_per_image", 512),
+            positive_fraction=getattr(sampler, "positive_fraction", 0.25),
             **kwargs,
         )
-        self.sampling = sampling
+        self.sampler = sampler
         self.box_loss = box_loss
 
     # ---------------------------------------------------------------- matching and sampling
@@ -100,35 +130,8 @@ class LibraRoIHeads(RoIHeads):
         return matched_idxs, labels, max_ious
 
     def sample_proposals(self, labels: Tensor, matched_idxs: Tensor, max_ious: Tensor) -> Tensor:
-        """Indices [S] (sorted) of the RoIs one image trains on.
-
-        Args:
-            labels: [R] class of each proposal, 0 background, -1 ignored.
-            matched_idxs: [R] index of the matched gt box (meaningful for positives).
-            max_ious: [R] max IoU of each proposal with any gt box.
-        """
-        s = self.sampling
-        positive = torch.where(labels >= 1)[0]
-        negative = torch.where(labels == 0)[0]
-        num_pos = min(positive.numel(), int(s.batch_size_per_image * s.positive_fraction))
-        num_neg = min(negative.numel(), s.batch_size_per_image - num_pos)
-
-        # The baseline draws exactly as torchvision's BalancedPositiveNegativeSampler does
-        # (randperm of the positives, then of the negatives), so the all-off model reproduces
-        # torchvision's losses draw for draw.
-        if s.instance_balanced_pos:
-            pos_keep = instance_balanced_pos_sample(matched_idxs[positive], num_pos)
-        else:
-            pos_keep = torch.randperm(positive.numel(), device=positive.device)[:num_pos]
-        if s.iou_balanced:
-            neg_keep = iou_balanced_neg_sample(
-                max_ious[negative], num_neg,
-                num_bins=s.num_bins, floor_thr=s.floor_thr, floor_fraction=s.floor_fraction,
-            )
-        else:
-            neg_keep = torch.randperm(negative.numel(), device=negative.device)[:num_neg]
-        keep = torch.cat([positive[pos_keep], negative[neg_keep]])
-        return keep.sort().values
+        """Indices [S] (sorted) of the RoIs one image trains on: the injected sampler's choice."""
+        return self.sampler(labels, matched_idxs, max_ious)
 
     def select_training_samples(self, proposals, targets):
         """Add gt boxes as proposals, match, sample; returns torchvision's 4-tuple.

@@ -11,7 +11,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from detectors import build_detector
 from detectors.bfp import BackboneWithBFP
 from detectors.config import ConfigError, TrainConfig
-from detectors.roi_heads import LibraRoIHeads
+from detectors.roi_heads import LibraRoIHeads, ProposalSampler, random_draw
 
 TINY = {
     "backbone": "tiny",
@@ -54,7 +54,7 @@ def test_every_combination_trains_one_step_and_infers(sampling, bfp, bl1):
     torch.manual_seed(0)
     model = build_detector(detector_cfg(sampling, bfp, bl1))
     assert isinstance(model.backbone, BackboneWithBFP) == bfp
-    assert model.roi_heads.sampling.iou_balanced == sampling
+    assert (model.roi_heads.sampler.neg_draw is not random_draw) == sampling
     images, targets = batch()
 
     model.train()
@@ -162,13 +162,25 @@ def test_iou_balanced_sampler_draws_more_hard_negatives():
     matched = torch.zeros(2000, dtype=torch.int64)
     torch.manual_seed(0)
     balanced = heads.sample_proposals(labels, matched, max_ious)
-    heads.sampling = type(heads.sampling)(batch_size_per_image=cfg.roi_batch_size_per_image)
+    heads.sampler = ProposalSampler(batch_size_per_image=cfg.roi_batch_size_per_image)  # random draws
     torch.manual_seed(0)
     random = heads.sample_proposals(labels, matched, max_ious)
     assert len(balanced) == len(random) == cfg.roi_batch_size_per_image
     assert len(set(balanced.tolist())) == len(balanced)
     hard = lambda idx: (max_ious[idx] >= 0.05).float().mean().item()
     assert hard(balanced) > 2 * hard(random)
+
+
+def test_the_sampler_is_one_injected_callable():
+    """LibraRoIHeads trains on whatever the injected sampler picks: here the hardest negatives."""
+    heads = build_detector(detector_cfg(False, False, False)).train().roi_heads
+    hardest = lambda ious, num: ious.argsort(descending=True)[:num]
+    heads.sampler = ProposalSampler(batch_size_per_image=4, positive_fraction=0.25, neg_draw=hardest)
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, -1])
+    max_ious = torch.tensor([0.1, 0.4, 0.2, 0.45, 0.0, 0.3, 0.6, 0.7, 0.45])
+    keep = heads.sample_proposals(labels, torch.zeros(9, dtype=torch.int64), max_ious).tolist()
+    assert keep == sorted(keep) and len(keep) == 4
+    assert set(keep) - {6, 7} == {1, 3, 5} and len(set(keep) & {6, 7}) == 1  # 1 positive, never the ignored 8
 
 
 def test_unknown_backbone_is_a_config_error():
