@@ -341,3 +341,65 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Dotted keys ("detector.min_size"): how study files and --set name a setting.
+# --------------------------------------------------------------------------------------------
+def unwrap_optional(tp: Any) -> Any:
+    """Optional[X] -> X; any other type unchanged."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def config_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, Any]:
+    """Every settable dotted key of a config dataclass -> its type ("detector.min_size" -> int)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        inner = unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner):
+            out.update(config_keys(inner, key + "."))
+        else:
+            out[key] = hints[f.name]
+    return out
+
+
+def config_sections(cls: type = TrainConfig, prefix: str = "") -> set[str]:
+    """The dotted names of the nested blocks ("detector", "detector.balanced_l1_loss", ...)."""
+    out = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        inner = unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner):
+            out.add(prefix + f.name)
+            out |= config_sections(inner, prefix + f.name + ".")
+    return out
+
+
+def check_dotted_key(key: Any) -> Optional[str]:
+    """Why `key` is not a settable TrainConfig key (one line naming the valid ones), or None."""
+    if not isinstance(key, str):
+        return f"keys are dotted config names like detector.min_size, got {key!r}"
+    keys = config_keys()
+    if key in keys:
+        return None
+    if key in config_sections():
+        first = next(k for k in keys if k.startswith(key + "."))
+        return f"{key} is a section; name one of its settings, e.g. {first}"
+    parent = key.rpartition(".")[0]
+    siblings = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent)
+    if siblings:
+        return f"unknown key; valid keys under {parent}: {', '.join(siblings)}"
+    return "unknown key; dotted keys start with detector., data. or schedule."
+
+
+def type_word(tp: Any) -> str:
+    """A setting's type in words, for messages: "float", "one of 'conv', 'none'"."""
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))

@@ -51,16 +51,15 @@ import json
 import math
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from detectors.components import components
-from detectors.config import ConfigError, TrainConfig
+from detectors.config import ConfigError, TrainConfig, check_dotted_key, config_keys, type_word, unwrap_optional
 from harness.errors import UserError
 
 # What the engine reports per epoch; a search's metric and a reference row's metrics are among these.
@@ -482,62 +481,8 @@ def render_value(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Dotted keys of TrainConfig.
+# Dotted keys: the schema is detectors.config's dataclasses (config_keys, check_dotted_key).
 # --------------------------------------------------------------------------------------------
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def config_keys(cls: type = TrainConfig, prefix: str = "") -> dict[str, Any]:
-    """Every settable dotted key of a config dataclass -> its type ("detector.min_size" -> int)."""
-    out: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        tp = hints[field.name]
-        key = f"{prefix}{field.name}"
-        inner = _unwrap_optional(tp)
-        if dataclasses.is_dataclass(inner):
-            out.update(config_keys(inner, key + "."))
-        else:
-            out[key] = tp
-    return out
-
-
-def _sections(cls: type = TrainConfig, prefix: str = "") -> set[str]:
-    out = set()
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        inner = _unwrap_optional(hints[field.name])
-        if dataclasses.is_dataclass(inner):
-            out.add(prefix + field.name)
-            out |= _sections(inner, prefix + field.name + ".")
-    return out
-
-
-def check_dotted_key(key: Any) -> Optional[str]:
-    """Why `key` is not a settable config key, or None when it is."""
-    if not isinstance(key, str):
-        return f"keys are dotted config names like detector.min_size, got {key!r}"
-    keys = config_keys()
-    if key in keys:
-        return None
-    if key in _sections():
-        return f"{key} is a section; name one of its settings, e.g. {_first_under(key, keys)}"
-    parent = key.rpartition(".")[0]
-    siblings = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent)
-    if siblings:
-        return f"unknown key; valid keys under {parent}: {', '.join(siblings)}"
-    return "unknown key; dotted keys start with detector., data. or schedule."
-
-
-def _first_under(section: str, keys: Mapping[str, Any]) -> str:
-    return next(k for k in keys if k.startswith(section + "."))
-
-
 def set_dotted(mapping: dict, key: str, value: Any) -> None:
     """mapping["a"]["b"]["c"] = value for key "a.b.c", creating the nested mappings."""
     parts = key.split(".")
@@ -769,11 +714,11 @@ def _check_search(spec: StudySpec, base: dict, fail) -> None:
         problem = check_dotted_key(key)
         if problem:
             raise fail(where, problem)
-        tp = _unwrap_optional(keys[key])
+        tp = unwrap_optional(keys[key])
         if dim.type == "float" and tp is not float:
-            raise fail(where, f"a float range needs a number setting; {key} is {_type_word(tp)}")
+            raise fail(where, f"a float range needs a number setting; {key} is {type_word(tp)}")
         if dim.type == "int" and tp not in (int, float):
-            raise fail(where, f"an int range needs a number setting; {key} is {_type_word(tp)}")
+            raise fail(where, f"an int range needs a number setting; {key} is {type_word(tp)}")
         for value in dim.endpoints():
             problem = _check_value(base, key, value)
             if problem:
@@ -797,12 +742,6 @@ def _check_search(spec: StudySpec, base: dict, fail) -> None:
         missing = [k for k in search.space if k not in trial]
         if missing:
             raise fail(f"search.first_trials[{i}]", f"missing {missing[0]}; give every searched key")
-
-
-def _type_word(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
 
 
 def _pydantic_line(err: ValidationError) -> tuple[str, str]:
@@ -843,7 +782,7 @@ def _valid_keys_at(loc: Sequence[Any]) -> list[str]:
 
 def _model_in(tp: Any) -> Any:
     """The pydantic model inside Optional[...] / list[...] / dict[str, ...], or the type itself."""
-    tp = _unwrap_optional(tp)
+    tp = unwrap_optional(tp)
     origin = typing.get_origin(tp)
     if origin in (list, dict):
         return _model_in(typing.get_args(tp)[-1])
