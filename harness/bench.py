@@ -1071,7 +1071,8 @@ def run_harness_bench(
     import tempfile
 
     from harness.spec import load_study
-    from harness.tracking import ROLE, default_uri
+    from harness.stores import default_uri
+    from harness.tracking import ROLE
 
     study = load_study(study_path, overrides)
     seen = set()

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, TextIO
 
 from detectors.components import components
 from detectors.config import ConfigError
-from harness import search
+from harness import search, stores
 from harness.errors import UserError
 from harness.progress import Progress
 from harness.spec import Study, TrialPlan, render_value, short_names
@@ -46,7 +46,7 @@ class RunOptions:
 
 
 def default_work_dir(study: Study) -> str:
-    return os.path.abspath(os.path.join("libra-work", study.name))
+    return stores.default_work_dir(study.name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -456,7 +456,8 @@ def run_study(study: Study, opts: RunOptions) -> int:
     tracker = Tracker(study, work_dir, opts.tracking_uri)
     if study.kind == "bench":
         return _run_bench(study, opts, work_dir, tracker)
-    storage_url = opts.optuna_storage or study.spec.tracking.optuna_storage
+    where_stored = stores.study_stores(study, work_dir=work_dir, optuna_storage=opts.optuna_storage)
+    storage_url = where_stored.optuna_storage
     ostudy = search.open_study(study, work_dir, storage_url)
     recovered = search.recover_interrupted(ostudy, requeue=study.kind == "search")
     started, where = _connect_ray(opts.address)
@@ -469,7 +470,7 @@ def run_study(study: Study, opts: RunOptions) -> int:
               f"up to {concurrency} at once on {where}", file=out)
         print(f"  work dir  {work_dir}", file=out)
         print(f"  MLflow    {tracker.uri} (experiment {tracker.experiment_name!r})", file=out)
-        print(f"  Optuna    {storage_url or os.path.join(work_dir, 'optuna.journal')} "
+        print(f"  Optuna    {where_stored.optuna_where} "
               f"(study {study.name!r})", file=out)
         if recovered:
             print(f"  resuming: {len(recovered)} trial(s) a stopped run left unfinished", file=out)

@@ -2,8 +2,8 @@
 
 Only the driver writes (through one MlflowClient); trials stream their metrics to it.
 
-Store. `--tracking-uri URI` (or the study's `tracking.uri`), else an embedded SQLite file at
-`sqlite:////<work dir>/mlflow.db` (an absolute URI), with artifacts under `<work dir>/mlartifacts`.
+Store (harness/stores.py decides): `--tracking-uri URI` (or the study's `tracking.uri`), else an
+embedded SQLite file at `sqlite:////<work dir>/mlflow.db`, with artifacts under `<work dir>/mlartifacts`.
 The driver creates the database and the experiment before any trial starts.
 
 Schema (`libra report` and `trial_runs` below read exactly these names):
@@ -76,17 +76,13 @@ import yaml
 
 from harness.errors import UserError
 from harness.spec import Study, TrialPlan, flatten, render_value
+from harness.stores import default_uri, study_stores  # noqa: F401  (default_uri: part of this module's API)
 
 ROLE = "libra.role"
 STATE = "libra.trial_state"
 KEY = "libra.trial_key"
 
 _STATUS = {"finished": "FINISHED", "failed": "FAILED", "pruned": "KILLED", "interrupted": "KILLED"}
-
-
-def default_uri(work_dir: str) -> str:
-    """The embedded store: an absolute SQLite URI (a relative one breaks when cwd changes)."""
-    return "sqlite:///" + os.path.abspath(os.path.join(work_dir, "mlflow.db"))
 
 
 def check_reachable(uri: str) -> None:
@@ -191,8 +187,8 @@ class Tracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.study = study
-        self.uri = uri or study.spec.tracking.uri or default_uri(work_dir)
-        self.experiment_name = study.spec.tracking.experiment or study.name
+        stores = study_stores(study, work_dir=work_dir, tracking_uri=uri)
+        self.uri, self.experiment_name = stores.mlflow_uri, stores.experiment
         check_reachable(self.uri)
         os.makedirs(work_dir, exist_ok=True)
         self.client = _UninterruptedClient(MlflowClient(tracking_uri=self.uri))

@@ -63,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     from harness import plots, report
     from harness.spec import load_study
-    from harness.study import default_work_dir
-    from harness.tracking import default_uri
+    from harness.stores import resolve_stores
 
     if (args.study_file is None) == (args.study is None):
         raise UserError("give a study file (libra report STUDY.yaml) or --study NAME, not both "
@@ -76,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
     study = load_study(args.study_file, args.overrides) if args.study_file else None
     name = study.name if study else args.study
-    work_dir = os.path.abspath(args.work_dir) if args.work_dir else None
-    probe_dir = work_dir or os.path.abspath(os.path.join("libra-work", name))
-    uri = args.tracking_uri or (study.spec.tracking.uri if study else None) or default_uri(probe_dir)
-    experiment = (study.spec.tracking.experiment if study else None) or name
+    stores = resolve_stores(name, study.spec.tracking if study else None, work_dir=args.work_dir,
+                            tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage)
+    work_dir = stores.work_dir if args.work_dir else None
+    uri, experiment = stores.mlflow_uri, stores.experiment
 
     runs = report.load_study_runs(uri, experiment)
     if not len(runs):
@@ -96,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if work_dir is None:
         recorded = _latest_tag(parents, "libra.work_dir")
-        work_dir = recorded if recorded and os.path.isdir(recorded) else (
-            default_work_dir(study) if study else probe_dir)
+        work_dir = recorded if recorded and os.path.isdir(recorded) else stores.work_dir
 
     out = os.path.abspath(args.out or os.path.join("results", name))
     os.makedirs(out, exist_ok=True)
