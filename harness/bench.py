@@ -1071,7 +1071,7 @@ def run_harness_bench(
     import tempfile
 
     from harness.spec import load_study
-    from harness.stores import default_uri
+    from harness.stores import default_uri, study_stores
     from harness.tracking import ROLE
 
     study = load_study(study_path, overrides)
@@ -1111,7 +1111,7 @@ def run_harness_bench(
             raise RuntimeError(f"the study run failed (exit {rc}): {tail[-1] if tail else ''}")
         if slots is None:
             raise RuntimeError("the study run did not say how many trials it ran at once ('up to N at once')")
-        runs = _study_runs(uri, study.spec.tracking.experiment or study.name, ROLE)
+        runs = _study_runs(uri, study_stores(study).experiment, ROLE)
     finally:
         if not keep_work_dir:
             shutil.rmtree(work_dir, ignore_errors=True)
@@ -1122,14 +1122,11 @@ def run_harness_bench(
 
 def _study_runs(uri: str, experiment: str, role_tag: str) -> tuple[tuple[float, float], list[TrialTiming]]:
     """((parent run start, end), trials) from the study's MLflow experiment."""
-    import mlflow
+    import pandas as pd
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        frame = mlflow.search_runs(experiment_names=[experiment])
-    finally:
-        mlflow.set_tracking_uri(previous)
+    from harness.tracking import read_runs
+
+    frame = pd.DataFrame(read_runs(uri, experiment))
     parents = frame[frame[f"tags.{role_tag}"] == "study"]
     if len(parents) != 1:
         raise RuntimeError(f"expected one study run in {uri}, found {len(parents)}")

@@ -26,16 +26,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
+from detectors.components import components, count_word
 from harness.errors import UserError
 from harness.spec import render_value, short_names
-from detectors.components import components, count_word
-from harness.tracking import KEY, ROLE, STATE, check_reachable
+from harness.tracking import KEY, ROLE, STATE, open_client, read_runs
 
 
 # The component columns follow detectors.components at call time (a registered component shows).
@@ -108,29 +107,6 @@ _FIXED = ("run_id", "label", "trial_key", "state", "reason", "seed", "optuna_tri
 # ------------------------------------------------------------------------------------------
 # MLflow -> pandas.
 # ------------------------------------------------------------------------------------------
-def open_client(tracking_uri: str):
-    """An MlflowClient for `tracking_uri`, or None when its SQLite file does not exist (a report
-    never creates a store). An unreachable server is a one-line UserError, within seconds."""
-    from mlflow import MlflowClient
-
-    check_reachable(tracking_uri)
-    if tracking_uri.startswith("sqlite:"):
-        path = sqlite_path(tracking_uri)
-        if path and not os.path.isfile(path):
-            return None
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def sqlite_path(tracking_uri: str) -> Optional[str]:
-    """The database file of a sqlite:// URI (sqlite:////abs/db -> /abs/db)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(tracking_uri).database
-    except Exception:  # not a URL sqlalchemy reads: let MLflow say what is wrong
-        return None
-
-
 def load_study_runs(tracking_uri: str, experiment_name: str):
     """The study's trial runs (child runs tagged libra.role=trial), one row each, tidy.
 
@@ -163,39 +139,7 @@ def _search(tracking_uri: str, experiment_name: str, role: str):
 
 
 def _records(tracking_uri: str, experiment_name: str, role: str) -> list[dict]:
-    """Runs with libra.role = `role` as dicts shaped like mlflow.search_runs' rows."""
-    import pandas as pd
-    from mlflow.entities import ViewType
-
-    try:
-        client = open_client(tracking_uri)
-        if client is None:
-            return []
-        experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is None or experiment.lifecycle_stage == "deleted":
-            return []
-        records = []
-        page_token = None
-        while True:
-            page = client.search_runs([experiment.experiment_id],
-                                      filter_string=f"tags.`{ROLE}` = '{role}'",
-                                      run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
-                                      order_by=["attributes.start_time ASC"], page_token=page_token)
-            for run in page:
-                record = {"run_id": run.info.run_id, "status": run.info.status,
-                          "start_time": pd.Timestamp(run.info.start_time or 0, unit="ms", tz="UTC")}
-                record.update({f"params.{k}": v for k, v in run.data.params.items()})
-                record.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-                record.update({f"tags.{k}": v for k, v in run.data.tags.items()})
-                records.append(record)
-            page_token = page.token
-            if not page_token:
-                return records
-    except UserError:
-        raise
-    except Exception as err:  # a broken database, a server error: one line
-        raise UserError(f"cannot read MLflow tracking store {tracking_uri}: "
-                        f"{' '.join(str(err).split())[:300]}") from None
+    return read_runs(tracking_uri, experiment_name, role)
 
 
 def tidy_runs(frame):

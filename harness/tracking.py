@@ -381,18 +381,78 @@ class Tracker:
         self.client.set_terminated(run_id, _STATUS[state])
 
 
-def trial_runs(uri: str, experiment: str, trial_keys: Optional[Iterable[str]] = None):
-    """A study's child runs as a pandas DataFrame (mlflow.search_runs' columns:
-    `params.*` as text, `metrics.*` latest values, `tags.*`), optionally only `trial_keys`."""
-    import mlflow
+def open_client(tracking_uri: str):
+    """An MlflowClient for `tracking_uri`, or None when its SQLite file does not exist (a report
+    never creates a store). An unreachable server is a one-line UserError, within seconds."""
+    from mlflow import MlflowClient
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    check_reachable(tracking_uri)
+    if tracking_uri.startswith("sqlite:"):
+        path = sqlite_path(tracking_uri)
+        if path and not os.path.isfile(path):
+            return None
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def sqlite_path(tracking_uri: str) -> Optional[str]:
+    """The database file of a sqlite:// URI (sqlite:////abs/db -> /abs/db)."""
+    from sqlalchemy.engine import make_url
+
     try:
-        frame = mlflow.search_runs(experiment_names=[experiment],
-                                   filter_string=f"tags.`{ROLE}` = 'trial'")
-    finally:
-        mlflow.set_tracking_uri(previous)
+        return make_url(tracking_uri).database
+    except Exception:  # not a URL sqlalchemy reads: let MLflow say what is wrong
+        return None
+
+
+def read_runs(tracking_uri: str, experiment_name: str, role: Optional[str] = None) -> list[dict]:
+    """The experiment's runs (only those tagged libra.role = `role` if given), oldest first, as
+    dicts shaped like mlflow.search_runs' rows: run_id, status, start_time, end_time (UTC
+    pandas Timestamps; end_time None while running), params.*, metrics.* (latest values), tags.*.
+    Empty when the store or the experiment does not exist (reading never creates a store); a
+    store that cannot be read is a one-line UserError. The one reader of MLflow: the report,
+    the driver's summary and the bench use it."""
+    import pandas as pd
+    from mlflow.entities import ViewType
+
+    try:
+        client = open_client(tracking_uri)
+        if client is None:
+            return []
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None or experiment.lifecycle_stage == "deleted":
+            return []
+        records = []
+        page_token = None
+        while True:
+            page = client.search_runs([experiment.experiment_id],
+                                      filter_string=f"tags.`{ROLE}` = '{role}'" if role else "",
+                                      run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                                      order_by=["attributes.start_time ASC"], page_token=page_token)
+            for run in page:
+                record = {"run_id": run.info.run_id, "status": run.info.status,
+                          "start_time": pd.Timestamp(run.info.start_time or 0, unit="ms", tz="UTC"),
+                          "end_time": (pd.Timestamp(run.info.end_time, unit="ms", tz="UTC")
+                                       if run.info.end_time else None)}
+                record.update({f"params.{k}": v for k, v in run.data.params.items()})
+                record.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+                record.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+                records.append(record)
+            page_token = page.token
+            if not page_token:
+                return records
+    except UserError:
+        raise
+    except Exception as err:  # a broken database, a server error: one line
+        raise UserError(f"cannot read MLflow tracking store {tracking_uri}: "
+                        f"{' '.join(str(err).split())[:300]}") from None
+
+
+def trial_runs(uri: str, experiment: str, trial_keys: Optional[Iterable[str]] = None):
+    """A study's child runs as a pandas DataFrame (read_runs' columns: `params.*` as text,
+    `metrics.*` latest values, `tags.*`), optionally only `trial_keys`."""
+    import pandas as pd
+
+    frame = pd.DataFrame(read_runs(uri, experiment, "trial"))
     if trial_keys is not None and len(frame):
         frame = frame[frame[f"tags.{KEY}"].isin(set(trial_keys))]
     return frame.reset_index(drop=True)
