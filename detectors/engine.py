@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from detectors.build import build_detector
@@ -109,6 +109,48 @@ def _iterate(items: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
 
 
 # ------------------------------------------------------------------------------------ training
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    images: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    *,
+    params: Optional[Sequence[Tensor]] = None,
+    grad_clip: Optional[float] = None,
+    use_amp: bool = False,
+    guard: Optional[Callable[[Tensor, dict[str, Tensor]], Any]] = None,
+) -> tuple[Any, dict[str, Tensor]]:
+    """One optimisation step, the one `fit` and the benchmark both take.
+
+    Forward (the model in train mode; float16 autocast when use_amp), loss = the sum of the model's
+    `loss_*` terms, then `guard(loss, loss_dict)` (e.g. the non-finite check; it may raise before
+    any weight changes), backward through the scaler, gradient-norm clipping of `params` (default
+    the trainable ones) at `grad_clip`, the optimizer step, and the gradients freed (so between
+    steps the model holds only its resident tensors).
+
+    Args:
+        images: N tensors [3, H_i, W_i] on the model's device; targets: N dicts with "boxes"
+            [G_i, 4] xyxy and "labels" [G_i].
+
+    Returns (what guard returned, default the detached total loss [] ; the loss terms).
+    """
+    with torch.autocast(device_type=images[0].device.type, dtype=torch.float16, enabled=use_amp):
+        loss_dict = model(images, targets)
+    loss = sum(loss_dict.values())
+    checked = guard(loss, loss_dict) if guard is not None else loss.detach()
+    scaler.scale(loss).backward()
+    if grad_clip is not None:
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return checked, loss_dict
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -142,25 +184,21 @@ def train_one_epoch(
         start = time.perf_counter()
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            loss_dict = model(images, targets)
-        loss = sum(loss_dict.values())
-        logged = torch.stack([loss.detach().float()] + [v.detach().float() for v in loss_dict.values()])
-        if ctx.distributed:
-            dist.all_reduce(logged)
-            logged /= ctx.world_size
-        if not torch.isfinite(logged[0]):
-            raise NonFiniteLossError(
-                f"training loss became {logged[0].item()} at epoch {epoch}, iteration {i + 1} "
-                f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower the learning rate or keep grad_clip on"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if schedule.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+
+        def guard(loss: Tensor, loss_dict: dict[str, Tensor], iteration: int = i + 1) -> Tensor:
+            logged = torch.stack([loss.detach().float()] + [v.detach().float() for v in loss_dict.values()])
+            if ctx.distributed:
+                dist.all_reduce(logged)
+                logged /= ctx.world_size
+            if not torch.isfinite(logged[0]):
+                raise NonFiniteLossError(
+                    f"training loss became {logged[0].item()} at epoch {epoch}, iteration {iteration} "
+                    f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower the learning rate or keep grad_clip on"
+                )
+            return logged
+
+        logged, loss_dict = train_step(model, optimizer, scaler, images, targets, params=params,
+                                       grad_clip=schedule.grad_clip, use_amp=use_amp, guard=guard)
         scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -82,8 +82,18 @@ def predictions_to_coco(
     return records
 
 
-def _backend(name: str) -> tuple[type, Callable[[Any, Any], Any]]:
-    """(COCO class, COCOeval factory for boxes) of an evaluation backend."""
+def backend_available(name: str) -> bool:
+    """Whether backend `name` (one of BACKENDS) can be imported here."""
+    try:
+        coco_backend(name)
+    except ValueError:
+        return False
+    return True
+
+
+def coco_backend(name: str) -> tuple[type, Callable[[Any, Any], Any]]:
+    """(COCO class, COCOeval factory for boxes) of an evaluation backend, one of BACKENDS.
+    The one switch between backends: coco_box_eval and the COCOeval benchmark use it."""
     if name == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -102,7 +112,7 @@ def _backend(name: str) -> tuple[type, Callable[[Any, Any], Any]]:
     raise ValueError(f"unknown evaluation backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def _as_backend_coco(coco_gt: Any, coco_cls: type) -> Any:
+def as_backend_coco(coco_gt: Any, coco_cls: type) -> Any:
     """`coco_gt` (a pycocotools or faster_coco_eval COCO, or a COCO dict) as a `coco_cls`."""
     if isinstance(coco_gt, coco_cls):
         return coco_gt
@@ -167,10 +177,10 @@ def coco_box_eval(
     Raises:
         ValueError: an unknown or uninstalled backend, unknown image or category ids.
     """
-    coco_cls, make_eval = _backend(backend)
+    coco_cls, make_eval = coco_backend(backend)
     log = io.StringIO()  # pycocotools prints progress on every call: keep it out of the logs
     with contextlib.redirect_stdout(log):
-        gt = _as_backend_coco(coco_gt, coco_cls)
+        gt = as_backend_coco(coco_gt, coco_cls)
         _check_results(results, gt)
         # loadRes writes id/area/segmentation into the records: hand it copies.
         dt = gt.loadRes([dict(r) for r in results]) if results else _empty_results(gt, coco_cls)

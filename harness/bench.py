@@ -53,6 +53,7 @@ from torch import Tensor
 
 from detectors.components import components, count_word
 from detectors.config import DetectorConfig, from_mapping, to_plain
+from detectors.evaluation import as_backend_coco, backend_available, coco_backend
 
 Progress = Callable[[str], None]
 
@@ -236,24 +237,17 @@ class _Runner:
             torch.cuda.synchronize(self.device)
 
     def train_step(self, images: list[Tensor], targets: list[dict]) -> float:
-        """Forward, backward and SGD step, as detectors.engine.train_one_epoch does one; seconds."""
+        """One training step, detectors.engine.train_step (the one `fit` takes); seconds."""
+        from detectors.engine import train_step
+
         self.model.train()
         self._sync()
         start = time.perf_counter()
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            loss_dict = self.model(images, targets)
-        loss = sum(loss_dict.values())
-        self.scaler.scale(loss).backward()
-        if self.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        # Free the gradients now, so between steps a variant holds only its resident tensors.
-        self.optimizer.zero_grad(set_to_none=True)
+        loss, _ = train_step(self.model, self.optimizer, self.scaler, images, targets, params=self.params,
+                             grad_clip=self.grad_clip, use_amp=self.use_amp)
         self._sync()
         seconds = time.perf_counter() - start
-        self.last_loss = loss.detach()
+        self.last_loss = loss
         return seconds
 
     @torch.no_grad()
@@ -849,14 +843,6 @@ def synthetic_eval_set(
     )
 
 
-def faster_coco_eval_available() -> bool:
-    try:
-        import faster_coco_eval  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _evaluate_once(backend: str, data: SyntheticEvalSet) -> tuple[np.ndarray, dict[str, float]]:
     """Run one backend end to end; returns (12 stats, seconds per phase)."""
     gt_dataset, detections = data.gt_dataset(), data.detections()  # fresh records, not timed
@@ -864,23 +850,10 @@ def _evaluate_once(backend: str, data: SyntheticEvalSet) -> tuple[np.ndarray, di
     times = {}
     with contextlib.redirect_stdout(sink):
         start = time.perf_counter()
-        if backend == "pycocotools":
-            from pycocotools.coco import COCO
-            from pycocotools.cocoeval import COCOeval
-
-            gt = COCO()
-            gt.dataset = gt_dataset
-            gt.createIndex()
-            dt = gt.loadRes(detections)
-            evaluator = COCOeval(gt, dt, "bbox")
-        elif backend == "faster-coco-eval":
-            from faster_coco_eval import COCO, COCOeval_faster
-
-            gt = COCO(gt_dataset)
-            dt = gt.loadRes(detections)
-            evaluator = COCOeval_faster(gt, dt, "bbox", print_function=print)
-        else:
-            raise ValueError(f"unknown COCOeval backend {backend!r}")
+        coco_cls, make_eval = coco_backend(backend)  # the backends of detectors.evaluation
+        gt = as_backend_coco(gt_dataset, coco_cls)
+        dt = gt.loadRes(detections)
+        evaluator = make_eval(gt, dt)
         times["load_s"] = time.perf_counter() - start
         t = time.perf_counter()
         evaluator.evaluate()
@@ -921,9 +894,9 @@ def run_cocoeval_bench(
     progress: Progress = _quiet,
 ) -> list[CocoEvalResult]:
     """Time COCO box evaluation per backend on `synthetic_eval_set(num_images)`; interleaved
-    repeats, medians. Backends default to pycocotools plus faster-coco-eval when installed."""
+    repeats, medians. Backends (detectors.evaluation.BACKENDS) default to pycocotools plus "faster" (faster-coco-eval) when installed."""
     if backends is None:
-        backends = ["pycocotools"] + (["faster-coco-eval"] if faster_coco_eval_available() else [])
+        backends = ["pycocotools"] + (["faster"] if backend_available("faster") else [])
     if "pycocotools" not in backends:
         raise ValueError("the COCOeval benchmark needs pycocotools as the reference backend")
     start = time.perf_counter()
@@ -1201,9 +1174,9 @@ def run_bench_trial(payload: dict) -> dict:
     torch.set_num_threads(int(payload["num_threads"]))
     cfg = TrainConfig.from_dict(payload["config"])
     opts = payload["bench"]
-    device = cfg.schedule.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from detectors.engine import resolve_device
+
+    device = str(resolve_device(cfg.schedule.device))  # "auto" as training resolves it
     if opts.get("image_size"):
         h, w = opts["image_size"]
     elif cfg.data.kind == "synthetic":
