@@ -11,13 +11,15 @@ from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.models import get_model_weights
 from torchvision.models import resnet as tv_resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
-from detectors.config import ConfigError
+from detectors.config import IMAGENET_PRETRAINED, ConfigError
 
 RESNETS = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -25,6 +27,24 @@ RESNETS = (
     "wide_resnet50_2", "wide_resnet101_2",
 )
 BACKBONES = RESNETS + ("tiny",)
+# pretrained names -> torchvision weight enums; "imagenet" keeps meaning torchvision's DEFAULT
+# (IMAGENET1K_V2 where a V2 exists, as for ResNet-50; V1 for ResNet-18/34).
+IMAGENET_WEIGHTS = dict(zip(IMAGENET_PRETRAINED, ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2")))
+NORM_MODES = ("frozen", "frozen_stats")
+
+
+class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that normalises with its running statistics and never updates them, while
+    its weight and bias stay trainable parameters: mmdetection's ResNet with `norm_eval=True`
+    and `requires_grad=True`, the reference's backbone. Shapes: [N, C, H, W] -> same.
+
+    torchvision's FrozenBatchNorm2d freezes the affine too (buffers, not parameters).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Always the eval-mode formula, whatever model.train() says: batches of 2 images per GPU
+        # give statistics too noisy to replace ImageNet's.
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class TinyConvNet(nn.Module):
@@ -88,11 +108,11 @@ def _stage_channels(body: nn.Module) -> list[int]:
 
 
 def _load_weights(body: nn.Module, pretrained: str, name: str) -> None:
-    """Fill `body` from 'imagenet' (torchvision's download) or a local state-dict file."""
-    if pretrained == "imagenet":
+    """Fill `body` from torchvision's ImageNet weights (IMAGENET_WEIGHTS) or a local state-dict file."""
+    if pretrained in IMAGENET_WEIGHTS:
         if name == "tiny":
-            raise ConfigError("detector.pretrained: 'imagenet' weights exist only for the ResNet family")
-        weights = tv_resnet.__dict__[name](weights="DEFAULT").state_dict()  # downloads once
+            raise ConfigError(f"detector.pretrained: {pretrained!r} weights exist only for the ResNet family")
+        weights = tv_resnet.__dict__[name](weights=imagenet_weights(name, pretrained)).state_dict()  # downloads once
     else:
         path = os.path.expanduser(pretrained)
         if not os.path.isfile(path):
@@ -111,11 +131,25 @@ def _load_weights(body: nn.Module, pretrained: str, name: str) -> None:
         )
 
 
+def imagenet_weights(name: str, pretrained: str):
+    """The torchvision weights enum `pretrained` ('imagenet', 'imagenet_v1', 'imagenet_v2')
+    names for backbone `name`; ConfigError when that version does not exist for it."""
+    member = IMAGENET_WEIGHTS[pretrained]
+    enum = get_model_weights(name)
+    if member == "DEFAULT":
+        return enum.DEFAULT
+    if member not in enum.__members__:
+        have = ", ".join(k for k, v in IMAGENET_WEIGHTS.items() if v in enum.__members__ or v == "DEFAULT")
+        raise ConfigError(f"detector.pretrained: torchvision has no {member} weights for {name}; use one of {have}")
+    return enum[member]
+
+
 def build_backbone(
     name: str,
     *,
     fpn_channels: int = 256,
     pretrained: Optional[str] = None,
+    norm: str = "frozen",
     trainable_layers: int = 5,
     returned_layers: tuple[int, ...] = (1, 2, 3, 4),
     extra_blocks: Optional[ExtraFPNBlock] = None,
@@ -125,16 +159,24 @@ def build_backbone(
     Args:
         name: one of BACKBONES.
         fpn_channels: channels of every FPN output map.
-        pretrained: None for random initialisation (BatchNorm trains), 'imagenet', or a local
-            state-dict file (BatchNorm is then frozen, as is usual for fine-tuning).
+        pretrained: None for random initialisation (BatchNorm trains), 'imagenet' (torchvision's
+            DEFAULT), 'imagenet_v1', 'imagenet_v2', or a local state-dict file (BatchNorm is then
+            frozen as `norm` says, as is usual for fine-tuning).
+        norm: with pretrained weights, "frozen" (FrozenBatchNorm2d: statistics and affine fixed)
+            or "frozen_stats" (FrozenStatsBatchNorm2d: statistics fixed, affine trains).
         trainable_layers: stages trained, counted from the top (5 = all, 0 = none).
         returned_layers: stages (1..4 = C2..C5) fed to the FPN.
         extra_blocks: torchvision's extra FPN block; default a max-pooled "pool" level (P6).
     """
     if name not in BACKBONES:
         raise ConfigError(f"detector.backbone: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if norm not in NORM_MODES:
+        raise ValueError(f"build_backbone: norm must be one of {NORM_MODES}, got {norm!r}")
     # Frozen statistics only make sense for weights that already have them.
-    norm_layer = FrozenBatchNorm2d if pretrained is not None else nn.BatchNorm2d
+    if pretrained is None:
+        norm_layer = nn.BatchNorm2d
+    else:
+        norm_layer = FrozenBatchNorm2d if norm == "frozen" else FrozenStatsBatchNorm2d
     body = TinyConvNet(norm_layer) if name == "tiny" else tv_resnet.__dict__[name](weights=None, norm_layer=norm_layer)
     if pretrained is not None:
         _load_weights(body, pretrained, name)

@@ -209,3 +209,19 @@ class BackboneWithBFP(nn.Module):
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
         return self.bfp(self.backbone(x))
+
+
+def xavier_init_(bfp: nn.Module) -> nn.Module:
+    """Re-initialise every Conv2d under `bfp` with xavier-uniform weights and zero biases, the
+    non-local block's included (`balanced_feature_pyramid.init: xavier`), and return `bfp`.
+
+    This is the reference's init (the CVPR release's and mmdetection's BFP.init_weights run it
+    over all of the neck's convs, overriding the non-local block's own zero output conv), so the
+    block does not start as the identity there. Ours (NonLocalBlock2d.reset_parameters) does.
+    """
+    for module in bfp.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return bfp

@@ -5,9 +5,10 @@ registry, no monkeypatching), so the tree below reads top to bottom:
 
     GeneralizedRCNN(
         backbone   = ResNet/tiny + FPN            [+ BalancedFeaturePyramid if enabled],
-        rpn        = torchvision's RPN (random sampling, as in the paper),
+        rpn        = torchvision's RPN (random sampling, as in the paper; optional neg_pos_ub
+                     and allowed_border, the reference's, see detectors/rpn.py),
         roi_heads  = LibraRoIHeads(sampler = random | IoU-balanced,
-                                   box_loss = smooth L1 | balanced L1),
+                                   box_loss = smooth L1 | L1 | balanced L1, x weight),
         transform  = resize to min_size/max_size + ImageNet normalisation)
 
 With every switch off this is torchvision's Faster R-CNN + FPN, parameter for parameter.
@@ -19,22 +20,39 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from detectors.backbones import TinyConvNet, build_backbone
-from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid
+from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid, xavier_init_
 from detectors.config import DetectorConfig
-from detectors.retinanet import BalancedL1RetinaNetHead, LibraRetinaNet, retinanet_anchor_sizes
-from detectors.roi_heads import (LibraRoIHeads, ProposalSampler, make_balanced_l1_box_loss, random_draw,
-                                 smooth_l1_box_loss)
+from detectors.retinanet import (
+    BalancedL1RetinaNetHead,
+    BoxLossRetinaNetHead,
+    LastLevelP6P7NoReLU,
+    LibraRetinaNet,
+    retinanet_anchor_sizes,
+)
+from detectors.roi_heads import (
+    BoxLoss,
+    LibraRoIHeads,
+    ProposalSampler,
+    l1_box_loss,
+    make_balanced_l1_box_loss,
+    make_smooth_l1_box_loss,
+    random_draw,
+    reference_box_head_init_,
+    weighted_box_loss,
+)
+from detectors.rpn import LibraRPN
 from detectors.sampling import instance_balanced_pos_sample, iou_balanced_neg_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,7 +77,22 @@ def with_balanced_pyramid(backbone: nn.Module, cfg: DetectorConfig) -> nn.Module
     bfp = BalancedFeaturePyramid(
         backbone.out_channels, NUM_FPN_LEVELS, refine_level=bfp_cfg.refine_level, refine_type=bfp_cfg.refine_type
     )
+    if bfp_cfg.init == "xavier":
+        xavier_init_(bfp)  # the reference's init; "identity" keeps the module's own
     return BackboneWithBFP(backbone, bfp)
+
+
+def build_rcnn_box_loss(cfg: DetectorConfig) -> BoxLoss:
+    """The R-CNN box loss: balanced L1 when its switch is on, else `box_loss.type`; times
+    `box_loss.loss_weight` either way (see BoxLossConfig for how the two keys relate)."""
+    if cfg.rcnn_box_loss == "balanced_l1":
+        bl1 = cfg.balanced_l1_loss
+        loss = make_balanced_l1_box_loss(bl1.alpha, bl1.gamma, bl1.beta, bl1.formulation)
+    elif cfg.rcnn_box_loss == "l1":
+        loss = l1_box_loss
+    else:
+        loss = make_smooth_l1_box_loss(cfg.box_loss.beta)
+    return weighted_box_loss(loss, cfg.box_loss.loss_weight)
 
 
 def build_transform(cfg: DetectorConfig) -> GeneralizedRCNNTransform:
@@ -71,6 +104,7 @@ def build_faster_rcnn(cfg: DetectorConfig) -> GeneralizedRCNN:
         cfg.backbone,
         fpn_channels=cfg.fpn_channels,
         pretrained=cfg.pretrained,
+        norm=cfg.backbone_norm,
         trainable_layers=cfg.trainable_backbone_layers,
     )
     backbone = with_balanced_pyramid(backbone, cfg)
@@ -82,7 +116,7 @@ def build_faster_rcnn(cfg: DetectorConfig) -> GeneralizedRCNN:
     )
     # torchvision's RPN defaults (they are also the paper's): IoU 0.7/0.3, 256 anchors per image,
     # half positives, NMS 0.7. The RPN keeps random sampling; Libra changes only the second stage.
-    rpn = RegionProposalNetwork(
+    rpn = LibraRPN(
         anchors,
         RPNHead(channels, anchors.num_anchors_per_location()[0]),
         fg_iou_thresh=0.7,
@@ -92,28 +126,30 @@ def build_faster_rcnn(cfg: DetectorConfig) -> GeneralizedRCNN:
         pre_nms_top_n={"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
         post_nms_top_n={"training": cfg.rpn_post_nms_top_n_train, "testing": cfg.rpn_post_nms_top_n_test},
         nms_thresh=0.7,
+        allowed_border=cfg.rpn_allowed_border,  # < 0: every anchor, as torchvision
+        neg_pos_ub=cfg.rpn_neg_pos_ub,  # < 0: no cap on negatives per positive, as torchvision
     )
 
     sampler_cfg = cfg.iou_balanced_sampling
     neg_draw = pos_draw = random_draw
     if sampler_cfg.enabled:
         neg_draw = partial(iou_balanced_neg_sample, num_bins=sampler_cfg.num_bins,
-                           floor_thr=sampler_cfg.floor_thr, floor_fraction=sampler_cfg.floor_fraction)
+                           floor_thr=sampler_cfg.floor_thr, floor_fraction=sampler_cfg.floor_fraction,
+                           bin_max=sampler_cfg.bin_max, zero_iou=sampler_cfg.zero_iou)
         if sampler_cfg.instance_balanced_pos:
             pos_draw = instance_balanced_pos_sample
     sampler = ProposalSampler(cfg.roi_batch_size_per_image, cfg.roi_positive_fraction,
                               pos_draw=pos_draw, neg_draw=neg_draw)
-    loss_cfg = cfg.balanced_l1_loss
-    box_loss = (
-        make_balanced_l1_box_loss(loss_cfg.alpha, loss_cfg.gamma, loss_cfg.beta)
-        if loss_cfg.enabled
-        else smooth_l1_box_loss
-    )
+    box_loss = build_rcnn_box_loss(cfg)
+    box_head = TwoMLPHead(channels * 7 * 7, cfg.representation_size)
+    box_predictor = FastRCNNPredictor(cfg.representation_size, cfg.num_classes + 1)  # + background
+    if cfg.box_head_init == "reference":
+        reference_box_head_init_(box_head, box_predictor)
     roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
     roi_heads = LibraRoIHeads(
         roi_pool,
-        TwoMLPHead(channels * 7 * 7, cfg.representation_size),
-        FastRCNNPredictor(cfg.representation_size, cfg.num_classes + 1),  # + background
+        box_head,
+        box_predictor,
         # torchvision's (and the paper's) matching: IoU >= 0.5 positive, below negative.
         fg_iou_thresh=0.5,
         bg_iou_thresh=0.5,
@@ -137,7 +173,8 @@ def build_retinanet(cfg: DetectorConfig) -> LibraRetinaNet:
     # FPN on C3..C5 (strides 8..32) plus P6/P7 (strides 64, 128), five levels as the BFP expects.
     # P6 comes from C5, as in the RetinaNet paper, mmdetection (Libra RetinaNet included) and
     # torchvision's retinanet_resnet50_fpn_v2 (its v1 takes P5).
-    extra_blocks = LastLevelP6P7(_c5_channels(cfg.backbone), cfg.fpn_channels)
+    p6p7 = LastLevelP6P7 if cfg.retinanet_p7_relu else LastLevelP6P7NoReLU
+    extra_blocks = p6p7(_c5_channels(cfg.backbone), cfg.fpn_channels)
     # torchvision's block switches to P5 when C5 happens to have the FPN's width; keep C5 always,
     # so the architecture does not change with fpn_channels.
     extra_blocks.use_P5 = False
@@ -145,6 +182,7 @@ def build_retinanet(cfg: DetectorConfig) -> LibraRetinaNet:
         cfg.backbone,
         fpn_channels=cfg.fpn_channels,
         pretrained=cfg.pretrained,
+        norm=cfg.backbone_norm,
         trainable_layers=cfg.trainable_backbone_layers,
         returned_layers=(2, 3, 4),
         extra_blocks=extra_blocks,
@@ -165,9 +203,16 @@ def build_retinanet(cfg: DetectorConfig) -> LibraRetinaNet:
         head = BalancedL1RetinaNetHead(
             backbone.out_channels, num_anchors, num_outputs,
             alpha=loss_cfg.alpha, gamma=loss_cfg.gamma, beta=loss_cfg.beta, norm_layer=norm_layer,
+            formulation=loss_cfg.formulation, box_loss_norm=cfg.retinanet_box_loss_norm,
         )
-    else:
+    elif cfg.retinanet_box_loss == "l1" and cfg.retinanet_box_loss_norm == "per_image":
         head = RetinaNetHead(backbone.out_channels, num_anchors, num_outputs, norm_layer=norm_layer)  # L1
+    else:  # the reference's baseline: smooth L1 (beta 0.11) and/or the batch normalisation
+        beta = cfg.retinanet_smooth_l1_beta
+        box_loss = (partial(F.smooth_l1_loss, beta=beta, reduction="sum") if cfg.retinanet_box_loss == "smooth_l1"
+                    else partial(F.l1_loss, reduction="sum"))
+        head = BoxLossRetinaNetHead(backbone.out_channels, num_anchors, num_outputs, box_loss=box_loss,
+                                    box_loss_norm=cfg.retinanet_box_loss_norm, norm_layer=norm_layer)
 
     # Matching stays torchvision's (and the paper's): IoU >= 0.5 foreground, < 0.4 background,
     # every gt box keeps its best anchors; 1000 candidates per level before NMS.

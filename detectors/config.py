@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A configuration a user wrote is wrong; the message names the dotted key and the fix."""
 
 
+# `detector.pretrained` values that name torchvision's ImageNet weights rather than a file.
+IMAGENET_PRETRAINED = ("imagenet", "imagenet_v1", "imagenet_v2")
+
+
 # --------------------------------------------------------------------------------------------
 # The three Libra components, each with its own switch and settings.
 # --------------------------------------------------------------------------------------------
@@ -32,6 +36,12 @@ class IoUBalancedSamplingConfig:
     num_bins: int = 3  # K in the paper; Table 4 finds 2, 3 and 5 within 0.1 AP
     floor_thr: float = -1.0  # -1: every negative goes into the bins; >= 0: IoU below it is the "floor" set
     floor_fraction: float = 0.0  # share of the negative budget drawn from the floor set
+    # Top edge of the bins. None: the negatives' own max IoU (ours: K bins all hold negatives).
+    # 1.0: the reference (max over all proposals incl. gts, edges 0, 1/3, 2/3, 1 at K = 3).
+    bin_max: Optional[float] = None
+    # IoU = 0 negatives: "in_bins" (ours; CVPR release 387fdb3: members of bin 0) or
+    # "fill_only" (authors' code from Dec 2019, mmdetection v2: drawn only to fill shortfalls).
+    zero_iou: Literal["in_bins", "fill_only"] = "in_bins"
     instance_balanced_pos: bool = False  # draw about equally many positives per ground-truth box
 
     def validate(self, where: str) -> None:
@@ -41,6 +51,11 @@ class IoUBalancedSamplingConfig:
             raise ConfigError(f"{where}.floor_thr must be -1 or in [0, 1), got {self.floor_thr}")
         if not 0.0 <= self.floor_fraction <= 1.0:
             raise ConfigError(f"{where}.floor_fraction must be in [0, 1], got {self.floor_fraction}")
+        if self.bin_max is not None and not max(self.floor_thr, 0.0) < self.bin_max <= 1.0:
+            raise ConfigError(
+                f"{where}.bin_max must be null or in (max(floor_thr, 0), 1], got {self.bin_max}; "
+                "1.0 is the reference's top edge"
+            )
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,11 @@ class BalancedFeaturePyramidConfig:
     enabled: bool = True
     refine_level: int = 2  # index into the FPN levels; 2 is P4 for Faster R-CNN (P2..P6)
     refine_type: Literal["non_local", "conv", "none"] = "non_local"
+    # "identity" (ours): the non-local block starts as the identity (zero output conv), so the
+    # neck leaves a pretrained pyramid unchanged at step 0. "xavier": the reference (CVPR
+    # release and mmdetection's BFP.init_weights): xavier-uniform on every conv of the BFP,
+    # the non-local block's included, which then does not start as the identity.
+    init: Literal["identity", "xavier"] = "identity"
 
 
 @dataclass(frozen=True)
@@ -56,11 +76,39 @@ class BalancedL1LossConfig:
     alpha: float = 0.5  # inlier gradient scale: dL/dx = alpha * ln(b|x| + 1) for |x| < beta
     gamma: float = 1.5  # outlier gradient bound: dL/dx = gamma for |x| >= beta
     beta: float = 1.0  # break point between the two branches, in encoded-target units
+    # How beta enters (detectors.losses.balanced_l1_loss): "scaled" is beta * L(x / beta),
+    # continuous in value and gradient (ours); "reference" puts beta inside the log as the
+    # authors' code and mmdetection do (its gradient jumps at |x| = beta unless beta = 1).
+    # The two agree exactly at beta = 1, the R-CNN setting; RetinaNet's beta 0.11 tells them apart.
+    formulation: Literal["scaled", "reference"] = "scaled"
 
     def validate(self, where: str) -> None:
         for name in ("alpha", "gamma", "beta"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class BoxLossConfig:
+    """Faster R-CNN's second-stage box loss when `balanced_l1_loss.enabled` is false (RetinaNet: retinanet_*).
+
+    `balanced_l1_loss.enabled` stays the one switch an ablation flips (Table 2's grid): on, the
+    R-CNN head uses balanced L1 with that section's alpha, gamma, beta; off, it uses `type` here.
+    `type: balanced_l1` only restates the switch, so it is an error unless the switch is on.
+    `loss_weight` scales whichever loss is active (Table 6's "loss weight 1.5 / 2.0" rows).
+    """
+
+    # smooth_l1: torchvision's default at beta 1/9; the CVPR release / mmdet v1 use beta 1.0.
+    # l1: mmdetection v2's baseline. balanced_l1: see the class docstring.
+    type: Literal["smooth_l1", "l1", "balanced_l1"] = "smooth_l1"
+    beta: float = 1.0 / 9.0  # smooth L1's break point (encoded-target units); unused by l1
+    loss_weight: float = 1.0  # multiplies the R-CNN box loss (the lambda of the paper's eq. 6)
+
+    def validate(self, where: str) -> None:
+        if not self.beta > 0:
+            raise ConfigError(f"{where}.beta must be > 0, got {self.beta}")
+        if not self.loss_weight > 0:
+            raise ConfigError(f"{where}.loss_weight must be > 0, got {self.loss_weight}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +120,15 @@ class DetectorConfig:
     # torchvision's ResNet/ResNeXt family ("resnet18" ... "resnext101_64x4d"), or "tiny":
     # a narrow four-stage ConvNet for CPU runs (see detectors/backbones.py).
     backbone: str = "resnet50"
-    pretrained: Optional[str] = None  # None: random init | path to a local weights file | "imagenet"
+    # None: random init | a local weights file | "imagenet": torchvision's DEFAULT weights
+    # (IMAGENET1K_V2 for ResNet-50, 80.9% top-1) | "imagenet_v1": IMAGENET1K_V1 (76.1%, what the
+    # reference and torchvision's own detectors start from) | "imagenet_v2": IMAGENET1K_V2.
+    pretrained: Optional[str] = None
+    # BatchNorm of a pretrained backbone: "frozen" (ours: statistics and affine frozen,
+    # torchvision's FrozenBatchNorm2d) | "frozen_stats" (the reference: statistics frozen,
+    # weight and bias train, mmdetection's norm_eval with requires_grad). A randomly
+    # initialised backbone always trains its BatchNorm.
+    backbone_norm: Literal["frozen", "frozen_stats"] = "frozen"
     trainable_backbone_layers: int = 5  # of the backbone's 5 stages, counted from the top
     num_classes: int = 80  # without background
     min_size: int = 800  # images are resized by the model so the short side is this ...
@@ -84,21 +140,42 @@ class DetectorConfig:
     rpn_post_nms_top_n_train: int = 2000
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_test: int = 1000
+    # RPN sampling, the reference's options (detectors/rpn.py). neg_pos_ub: at most this many
+    # negatives per positive drawn (< 0: no cap, torchvision and the reference's baseline; 5 in
+    # every Libra config). allowed_border: anchors crossing the image border by more than this
+    # many pixels are ignored in training (< 0: all anchors, torchvision and the Libra configs;
+    # 0 in the CVPR release's / mmdet v1's baseline config).
+    rpn_neg_pos_ub: float = -1.0
+    rpn_allowed_border: int = -1
     # Second stage (R-CNN): RoIs sampled per image and the box head's hidden width.
     roi_batch_size_per_image: int = 512
     roi_positive_fraction: float = 0.25
     representation_size: int = 1024
+    # Box head init: "torchvision" (nn.Linear defaults) | "reference" (CVPR release: xavier-
+    # uniform fc6/fc7, classifier normal(0, 0.01), regressor normal(0, 0.001), biases 0).
+    box_head_init: Literal["torchvision", "reference"] = "torchvision"
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
     # RetinaNet only: "group" puts GroupNorm(32) in the head's convs (torchvision's v2 head),
     # which a backbone trained from scratch needs; "none" is the original RetinaNet head.
     head_norm: Literal["none", "group"] = "none"
+    # RetinaNet only, the reference's details (docs/fidelity.md, R2-R4). The box loss when
+    # balanced_l1_loss is off: "l1" (torchvision, mmdet v2) or "smooth_l1" at
+    # retinanet_smooth_l1_beta (mmdet v1 / the paper's RetinaNet baseline: 0.11).
+    retinanet_box_loss: Literal["l1", "smooth_l1"] = "l1"
+    retinanet_smooth_l1_beta: float = 0.11
+    # "per_image" (torchvision: sum / #fg per image, mean over images) | "batch" (the reference:
+    # sum / #fg over the whole batch).
+    retinanet_box_loss_norm: Literal["per_image", "batch"] = "per_image"
+    # P7 = conv(relu(P6)) (torchvision) when true; false: conv(P6), the CVPR release / mmdet v1.
+    retinanet_p7_relu: bool = True
     iou_balanced_sampling: IoUBalancedSamplingConfig = field(default_factory=IoUBalancedSamplingConfig)
     balanced_feature_pyramid: BalancedFeaturePyramidConfig = field(
         default_factory=BalancedFeaturePyramidConfig
     )
     balanced_l1_loss: BalancedL1LossConfig = field(default_factory=BalancedL1LossConfig)
+    box_loss: BoxLossConfig = field(default_factory=BoxLossConfig)  # R-CNN baseline box loss and weight
 
     def validate(self, where: str) -> None:
         positive = ("num_classes", "min_size", "max_size", "fpn_channels", "representation_size",
@@ -108,6 +185,12 @@ class DetectorConfig:
                 raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.roi_positive_fraction <= 1.0:
             raise ConfigError(f"{where}.roi_positive_fraction must be in (0, 1]")
+        if not (self.rpn_neg_pos_ub == -1.0 or self.rpn_neg_pos_ub > 0):
+            raise ConfigError(f"{where}.rpn_neg_pos_ub must be -1 (no cap) or > 0, got {self.rpn_neg_pos_ub}")
+        if self.rpn_allowed_border < -1:
+            raise ConfigError(
+                f"{where}.rpn_allowed_border must be -1 (every anchor) or >= 0 pixels, got {self.rpn_allowed_border}"
+            )
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise ConfigError(f"{where}.trainable_backbone_layers must be in [0, 5]")
         if self.arch == "retinanet" and self.iou_balanced_sampling.enabled:
@@ -115,6 +198,13 @@ class DetectorConfig:
                 f"{where}.iou_balanced_sampling.enabled: RetinaNet has no sampling step; "
                 "set it to false (only the pyramid and the balanced L1 loss apply)"
             )
+        if self.backbone_norm == "frozen_stats" and self.pretrained is None:
+            raise ConfigError(
+                f"{where}.backbone_norm: frozen_stats freezes pretrained statistics, but "
+                f"{where}.pretrained is null; set pretrained, or backbone_norm: frozen"
+            )
+        if not self.retinanet_smooth_l1_beta > 0:
+            raise ConfigError(f"{where}.retinanet_smooth_l1_beta must be > 0, got {self.retinanet_smooth_l1_beta}")
         if self.head_norm == "group" and self.fpn_channels % 32:
             raise ConfigError(f"{where}.head_norm: group needs fpn_channels divisible by 32, got {self.fpn_channels}")
         num_levels = 5  # P2..P6 for Faster R-CNN, P3..P7 for RetinaNet
@@ -126,6 +216,18 @@ class DetectorConfig:
             )
         self.iou_balanced_sampling.validate(f"{where}.iou_balanced_sampling")
         self.balanced_l1_loss.validate(f"{where}.balanced_l1_loss")
+        self.box_loss.validate(f"{where}.box_loss")
+        if self.box_loss.type == "balanced_l1" and not self.balanced_l1_loss.enabled:
+            raise ConfigError(
+                f"{where}.box_loss.type is balanced_l1 but {where}.balanced_l1_loss.enabled is false; "
+                "the switch decides: set balanced_l1_loss.enabled: true, or box_loss.type to the "
+                "baseline loss (smooth_l1 or l1)"
+            )
+
+    @property
+    def rcnn_box_loss(self) -> str:
+        """The R-CNN box loss this config trains with: "balanced_l1", "smooth_l1" or "l1"."""
+        return "balanced_l1" if self.balanced_l1_loss.enabled else self.box_loss.type
 
     @property
     def component_flags(self) -> dict[str, bool]:
@@ -162,6 +264,9 @@ class DataConfig:
     horizontal_flip: float = 0.5  # probability, training only
     num_workers: int = 0  # DataLoader worker processes
     max_val_images: Optional[int] = None  # evaluate on the first N validation images only
+    # Training leaves out images without a (non-crowd) box, as the reference does; false keeps
+    # them (ours: the RPN and R-CNN then learn pure background from them). Validation keeps all.
+    skip_images_without_boxes: bool = False
 
     def validate(self, where: str) -> None:
         if self.kind == "coco":
@@ -209,15 +314,25 @@ class ScheduleConfig:
     num_threads: Optional[int] = None  # torch intra-op threads; None leaves torch's default
     max_iters_per_epoch: Optional[int] = None  # cut epochs short (benchmarks, smoke tests)
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    # Images per evaluation batch; None: batch_size. The reference tests one image per GPU:
+    # in larger batches the padding to the largest image enters the BFP's global pooling.
+    eval_batch_size: Optional[int] = None
 
     def validate(self, where: str) -> None:
         for name in ("epochs", "batch_size", "base_batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError(f"{where}.eval_batch_size must be >= 1 or null, got {self.eval_batch_size}")
         if self.warmup_iters < 0:
             raise ConfigError(f"{where}.warmup_iters must be >= 0")
         if list(self.lr_steps) != sorted(self.lr_steps):
             raise ConfigError(f"{where}.lr_steps must be increasing, got {list(self.lr_steps)}")
+
+    @property
+    def evaluation_batch_size(self) -> int:
+        """Images per evaluation batch: eval_batch_size, else the training batch_size."""
+        return self.batch_size if self.eval_batch_size is None else self.eval_batch_size
 
     def learning_rate(self, world_size: int = 1) -> float:
         if self.lr is not None:

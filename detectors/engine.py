@@ -437,7 +437,7 @@ def fit(
         metrics["peak_memory_mb"] = peak_memory_mb(device)
         if epoch % schedule.eval_every == 0 or epoch == schedule.epochs:
             last_eval = evaluate(
-                _unwrap(model), val_set, device=device, batch_size=schedule.batch_size, amp=schedule.amp,
+                _unwrap(model), val_set, device=device, batch_size=schedule.evaluation_batch_size, amp=schedule.amp,
                 backend=eval_backend, progress=show_progress, ctx=ctx,
             )
             metrics.update(last_eval["metrics"])

@@ -8,6 +8,16 @@ with b chosen so that the gradient is continuous at |x| = 1, i.e. alpha * ln(b +
          = gamma|x| + C                                       otherwise
     dL/dx = alpha * ln(b|x| + 1) * sign(x)                     if |x| < 1
           = gamma * sign(x)                                   otherwise
+
+The paper sets the break point at |x| = 1. Two generalisations to a break point beta exist
+(`formulation`): "scaled", ours, beta * L(x / beta); and "reference", the authors' code and
+mmdetection, which keep b and put beta inside the log only:
+
+    L(x) = alpha / b * (b|x| + 1) * ln(b|x| / beta + 1) - alpha|x|   if |x| < beta
+         = gamma|x| + gamma / b - alpha * beta                      otherwise
+    dL/dx = alpha * ln(b|x| / beta + 1) + alpha * (b|x| + 1) / (b|x| + beta) - alpha   (|x| < beta)
+
+whose gradient is alpha * (1 / beta - 1) at x -> 0 and jumps at |x| = beta unless beta = 1.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ from torch import Tensor
 __all__ = ["balanced_l1_loss"]
 
 _REDUCTIONS = ("none", "mean", "sum")
+FORMULATIONS = ("scaled", "reference")
 
 
 def balanced_l1_loss(
@@ -28,6 +39,7 @@ def balanced_l1_loss(
     gamma: float = 1.5,
     beta: float = 1.0,
     reduction: str = "mean",
+    formulation: str = "scaled",
 ) -> Tensor:
     """Balanced L1 loss between `input` and `target`, called like `F.smooth_l1_loss`.
 
@@ -47,6 +59,10 @@ def balanced_l1_loss(
             This is not mmdetection's generalisation, whose gradient jumps at |x| = beta unless
             beta = 1 (about 1.70 -> 1.5 at beta = 0.11).
         reduction: "none" ([*], elementwise), "mean" (scalar, over all elements) or "sum".
+        formulation: how beta enters. "scaled" (default): as described under `beta`.
+            "reference": the authors' release and mmdetection (see the module docstring), for
+            reproducing their runs at beta != 1 (Libra RetinaNet's beta = 0.11). Both are the
+            paper's loss at beta = 1.
 
     Returns:
         The loss, [*] for "none", a scalar otherwise, in input's dtype.
@@ -62,6 +78,10 @@ def balanced_l1_loss(
         raise ValueError(
             f"balanced_l1_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}"
         )
+    if formulation not in FORMULATIONS:
+        raise ValueError(
+            f"balanced_l1_loss: formulation must be one of {FORMULATIONS}, got {formulation!r}"
+        )
     if input.shape != target.shape:
         raise ValueError(
             f"balanced_l1_loss: input and target must have the same shape, "
@@ -69,6 +89,20 @@ def balanced_l1_loss(
         )
 
     b = math.exp(gamma / alpha) - 1.0
+    if formulation == "reference":
+        loss = _reference_balanced_l1(input, target, alpha, gamma, beta, b)
+    else:
+        loss = _scaled_balanced_l1(input, target, alpha, gamma, beta, b)
+
+    if reduction == "none":
+        return loss
+    if reduction == "sum" or loss.numel() == 0:
+        return loss.sum()
+    return loss.mean()
+
+
+def _scaled_balanced_l1(input: Tensor, target: Tensor, alpha: float, gamma: float, beta: float, b: float) -> Tensor:
+    """[*] elementwise beta * L(|input - target| / beta), the paper's L rescaled."""
     c = gamma / b - alpha
     x = (input - target).abs() / beta  # |x| in units of the break point
     # Clamp the inlier branch's argument so that huge (or infinite) outliers cannot turn its
@@ -77,10 +111,14 @@ def balanced_l1_loss(
     bx = b * x_in
     inlier = alpha / b * (bx + 1.0) * torch.log1p(bx) - alpha * x_in
     outlier = gamma * x + c
-    loss = beta * torch.where(x < 1.0, inlier, outlier)
+    return beta * torch.where(x < 1.0, inlier, outlier)
 
-    if reduction == "none":
-        return loss
-    if reduction == "sum" or loss.numel() == 0:
-        return loss.sum()
-    return loss.mean()
+
+def _reference_balanced_l1(input: Tensor, target: Tensor, alpha: float, gamma: float, beta: float, b: float) -> Tensor:
+    """[*] elementwise loss of the reference formulation (beta inside the log only)."""
+    x = (input - target).abs()
+    x_in = x.clamp(max=beta)  # same NaN guard as the scaled branch
+    bx = b * x_in
+    inlier = alpha / b * (bx + 1.0) * torch.log1p(bx / beta) - alpha * x_in
+    outlier = gamma * x + (gamma / b - alpha * beta)
+    return torch.where(x < beta, inlier, outlier)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
@@ -29,13 +29,57 @@ def smooth_l1_box_loss(pred: Tensor, target: Tensor) -> Tensor:
     return F.smooth_l1_loss(pred, target, beta=1 / 9, reduction="sum")
 
 
-def make_balanced_l1_box_loss(alpha: float, gamma: float, beta: float) -> BoxLoss:
+def make_smooth_l1_box_loss(beta: float) -> BoxLoss:
+    """Smooth L1 with break point `beta`, summed: 1/9 is torchvision's, 1.0 the CVPR release's
+    and mmdetection v1's baseline (paper Sec. 3.3: gradient clipped at 1)."""
+
+    def box_loss(pred: Tensor, target: Tensor) -> Tensor:
+        return F.smooth_l1_loss(pred, target, beta=beta, reduction="sum")
+
+    return box_loss
+
+
+def l1_box_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """L1, summed: mmdetection v2's R-CNN baseline and the paper's Table 6 "L1 loss" row."""
+    return F.l1_loss(pred, target, reduction="sum")
+
+
+def make_balanced_l1_box_loss(alpha: float, gamma: float, beta: float, formulation: str = "scaled") -> BoxLoss:
     """The balanced L1 loss with the given settings, summed (see detectors.losses)."""
 
     def box_loss(pred: Tensor, target: Tensor) -> Tensor:
-        return balanced_l1_loss(pred, target, alpha=alpha, gamma=gamma, beta=beta, reduction="sum")
+        return balanced_l1_loss(
+            pred, target, alpha=alpha, gamma=gamma, beta=beta, reduction="sum", formulation=formulation
+        )
 
     return box_loss
+
+
+def weighted_box_loss(box_loss: BoxLoss, loss_weight: float) -> BoxLoss:
+    """`box_loss` times `loss_weight` (the regression term's lambda); weight 1 returns it as is."""
+    if loss_weight == 1.0:
+        return box_loss
+
+    def weighted(pred: Tensor, target: Tensor) -> Tensor:
+        return loss_weight * box_loss(pred, target)
+
+    return weighted
+
+
+def reference_box_head_init_(box_head: nn.Module, box_predictor: nn.Module) -> None:
+    """The reference's box-head init (`box_head_init: reference`), in place: xavier-uniform fc6
+    and fc7, classifier normal(0, 0.01), regressor normal(0, 0.001), all biases 0 (CVPR release
+    convfc_bbox_head / bbox_head). torchvision keeps nn.Linear's default (kaiming-uniform).
+
+    box_head: torchvision's TwoMLPHead (fc6, fc7); box_predictor: FastRCNNPredictor
+    (cls_score, bbox_pred).
+    """
+    for fc in (box_head.fc6, box_head.fc7):
+        nn.init.xavier_uniform_(fc.weight)
+        nn.init.zeros_(fc.bias)
+    for layer, std in ((box_predictor.cls_score, 0.01), (box_predictor.bbox_pred, 0.001)):
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
 
 
 # A draw picks `num` of a pool from one value per member ([M]: the negatives' max IoU, or the

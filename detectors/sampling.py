@@ -23,6 +23,8 @@ def iou_balanced_neg_sample(
     num_bins: int = 3,
     floor_thr: float = -1.0,
     floor_fraction: float = 0.0,
+    bin_max: Optional[float] = None,
+    zero_iou: str = "in_bins",
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Draw negatives evenly over IoU bins, the paper's IoU-balanced sampling.
@@ -42,6 +44,17 @@ def iou_balanced_neg_sample(
             mmdetection instead treats 0 as "IoU exactly 0 is the floor".)
         floor_fraction: in [0, 1], the share of the budget for the floor set:
             int(num_expected * floor_fraction) drawn uniformly from it; the rest goes to the bins.
+        bin_max: the bins' top edge. None (ours): the largest IoU among the bin candidates.
+            A number fixes it: the K bins split [floor, bin_max] evenly, N/K draws each, and
+            candidates at or above bin_max go to the last bin. 1.0 is the reference's (every
+            release takes the max over all proposals, gts added as proposals included, so its
+            edges are 0, 1/3, 2/3, 1 at K = 3, the top bin stays empty below the 0.5 negative
+            threshold, and K = 2 is plain random sampling: mmdetection issue #5323).
+        zero_iou: how negatives with IoU exactly 0 are treated. "in_bins" (ours, and the CVPR
+            release 387fdb3): they are ordinary members of bin 0. "fill_only" (the authors'
+            code from Dec 2019 and mmdetection v2, where floor_thr -1 turns into 0 after the
+            first call): they join the floor set, so they are drawn only from the floor budget
+            and for the shortfall after the bins' own fill; the bins then cover IoU > 0.
         generator: torch.Generator on max_ious' device, or None for the global RNG.
 
     Returns:
@@ -58,10 +71,10 @@ def iou_balanced_neg_sample(
            coincide: the shortfall of small bins is filled from all remaining negatives, as in
            the paper and in mmdetection.
 
-    The bin edges span the candidates' own range, from the floor (0, or floor_thr) to the
-    largest IoU among them; the largest value belongs to the last bin. mmdetection takes the
-    maximum over positives too, which with a 0.5 negative threshold leaves the top bins empty
-    (mmdetection issue #5323) and turns K bins into fewer.
+    By default (bin_max None) the bin edges span the candidates' own range, from the floor (0,
+    or floor_thr) to the largest IoU among them; the largest value belongs to the last bin.
+    mmdetection takes the maximum over positives too, which with a 0.5 negative threshold leaves
+    the top bins empty (mmdetection issue #5323) and turns K bins into fewer: bin_max = 1.0.
     """
     if num_expected < 0:
         raise ValueError(f"iou_balanced_neg_sample: num_expected must be >= 0, got {num_expected}")
@@ -72,6 +85,12 @@ def iou_balanced_neg_sample(
     if not 0.0 <= floor_fraction <= 1.0:
         raise ValueError(
             f"iou_balanced_neg_sample: floor_fraction must be in [0, 1], got {floor_fraction}"
+        )
+    if zero_iou not in ("in_bins", "fill_only"):
+        raise ValueError(f"iou_balanced_neg_sample: zero_iou must be 'in_bins' or 'fill_only', got {zero_iou!r}")
+    if bin_max is not None and not bin_max > max(floor_thr, 0.0):
+        raise ValueError(
+            f"iou_balanced_neg_sample: bin_max must be above the floor {max(floor_thr, 0.0)}, got {bin_max}"
         )
     if max_ious.dim() != 1:
         raise ValueError(
@@ -84,13 +103,14 @@ def iou_balanced_neg_sample(
     if num_expected == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
 
-    use_floor = floor_thr >= 0.0
-    if use_floor:
+    use_floor = floor_thr >= 0.0 or zero_iou == "fill_only"
+    if floor_thr >= 0.0:
         in_floor = max_ious < floor_thr
-        num_floor_expected = int(num_expected * floor_fraction)
     else:
         in_floor = torch.zeros(num_candidates, dtype=torch.bool, device=device)
-        num_floor_expected = 0
+    if zero_iou == "fill_only":
+        in_floor = in_floor | (max_ious == 0)
+    num_floor_expected = int(num_expected * floor_fraction) if use_floor else 0
     num_bin_expected = num_expected - num_floor_expected
     in_bins = ~in_floor
 
@@ -98,7 +118,10 @@ def iou_balanced_neg_sample(
     # into the last bin (not a bin of its own); a zero-width range (all IoUs equal) makes a
     # single bin 0, which the fill then tops up like plain random sampling.
     low = max(floor_thr, 0.0)
-    high = torch.where(in_bins, max_ious, torch.full_like(max_ious, low)).max()
+    if bin_max is None:
+        high = torch.where(in_bins, max_ious, torch.full_like(max_ious, low)).max()
+    else:
+        high = torch.tensor(bin_max, dtype=max_ious.dtype, device=device)
     width = ((high - low) / num_bins).clamp_min(torch.finfo(max_ious.dtype).tiny)
     bin_ids = ((max_ious - low) / width).floor().clamp(0, num_bins - 1).long()
     # Group K is the floor set.

@@ -59,7 +59,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from detectors.components import components
-from detectors.config import ConfigError, TrainConfig, check_dotted_key, config_keys, type_word, unwrap_optional
+from detectors.config import (
+    IMAGENET_PRETRAINED,
+    ConfigError,
+    TrainConfig,
+    check_dotted_key,
+    config_keys,
+    type_word,
+    unwrap_optional,
+)
 from harness.errors import UserError
 
 # What the engine reports per epoch; a search's metric and a reference row's metrics are among these.
@@ -425,7 +433,7 @@ class Study:
         """Absolute paths (Ray workers change directory), and threads and device from the resources."""
         base_dir = os.path.dirname(self.path)
         detector = cfg.detector
-        if detector.pretrained not in (None, "imagenet") and not os.path.isabs(detector.pretrained):
+        if detector.pretrained is not None and detector.pretrained not in IMAGENET_PRETRAINED and not os.path.isabs(detector.pretrained):
             detector = dataclasses.replace(
                 detector, pretrained=os.path.abspath(os.path.join(base_dir, detector.pretrained)))
         schedule = cfg.schedule

@@ -86,6 +86,8 @@ class CocoDetection(Dataset):
         max_images: keep only the first N images in dataset order (sorted image ids); None
             keeps all. `image_ids` then lists exactly the kept images, which is what
             evaluation must restrict itself to.
+        skip_images_without_boxes: leave out images with no box left after crowd regions and
+            degenerate boxes are dropped (the reference, for training); False keeps them.
 
     Attributes:
         coco: the pycocotools COCO object over the whole file (evaluation needs it).
@@ -108,6 +110,7 @@ class CocoDetection(Dataset):
         train: bool,
         horizontal_flip: float = 0.5,
         max_images: Optional[int] = None,
+        skip_images_without_boxes: bool = False,
     ) -> None:
         self.images_dir = str(images_dir)
         self.annotations_file = str(annotations_file)
@@ -140,6 +143,10 @@ class CocoDetection(Dataset):
         self._image_info = {i: images[i] for i in image_ids}
         self._check_files_exist()
         self._targets = self._build_targets()
+        if skip_images_without_boxes:
+            # The reference trains only on images with at least one non-crowd box (mmdetection's
+            # _filter_imgs, then `if len(gt_bboxes) == 0: return None`): about 1% of train2017.
+            self.image_ids = [i for i in self.image_ids if len(self._targets[i][0])]
 
     # ----------------------------------------------------------------------------------------
     # Validation of the JSON records.

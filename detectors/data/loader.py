@@ -65,7 +65,8 @@ def build_datasets(data_cfg: DataConfig, where: str = "data") -> tuple[CocoDetec
     else:
         raise DatasetError(f"{where}.kind must be coco or synthetic, got {data_cfg.kind!r}")
     train = CocoDetection(paths["train_images"], paths["train_annotations"],
-                          train=True, horizontal_flip=data_cfg.horizontal_flip)
+                          train=True, horizontal_flip=data_cfg.horizontal_flip,
+                          skip_images_without_boxes=data_cfg.skip_images_without_boxes)
     val = CocoDetection(paths["val_images"], paths["val_annotations"],
                         train=False, max_images=data_cfg.max_val_images)
     if (train.label_to_cat_id, train.category_names) != (val.label_to_cat_id, val.category_names):

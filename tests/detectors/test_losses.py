@@ -169,3 +169,71 @@ def test_bad_arguments_raise(kwargs):
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="same shape"):
         balanced_l1_loss(torch.zeros(2, 4), torch.zeros(4))
+
+
+# ------------------------------------------------------------------ the reference formulation
+# The authors' release and mmdetection put beta inside the log only (module docstring):
+#   |x| < beta: alpha / b * (b|x| + 1) * ln(b|x| / beta + 1) - alpha|x|
+#   else:       gamma|x| + gamma / b - alpha * beta
+# with b = e^(gamma / alpha) - 1 = e^3 - 1 for the defaults. Libra RetinaNet uses beta = 0.11.
+def _reference_closed_form(x, alpha=0.5, gamma=1.5, beta=1.0):
+    b = math.exp(gamma / alpha) - 1.0
+    if x < beta:
+        value = alpha / b * (b * x + 1) * math.log(b * x / beta + 1) - alpha * x
+        grad = alpha * math.log(b * x / beta + 1) + alpha * (b * x + 1) / (b * x + beta) - alpha
+    else:
+        value = gamma * x + gamma / b - alpha * beta
+        grad = gamma
+    return value, grad
+
+
+@pytest.mark.parametrize("x", [0.005, 0.02, 0.05, 0.10999, 0.11001, 0.5, 2.0])
+def test_reference_formulation_closed_form_at_beta_0_11(x):
+    loss, grad = _loss_at([x], beta=0.11, formulation="reference")
+    value, slope = _reference_closed_form(x, beta=0.11)
+    assert loss.item() == pytest.approx(value, rel=1e-12, abs=1e-14)
+    assert grad.item() == pytest.approx(slope, rel=1e-12)
+
+
+def test_reference_formulation_gradients_both_sides_of_beta():
+    # The audit's figures (fidelity-audit.md exp. 1): 1.6537 at |x| = 0.02, about 1.70 just below
+    # beta = 0.11 and exactly gamma = 1.5 above it: the reference's gradient jumps at beta.
+    _, grad = _loss_at([1e-9, 0.02, 0.11 - 1e-9, 0.11 + 1e-9], beta=0.11, formulation="reference")
+    # x -> 0: alpha * (b * 0 + 1) / (0 + beta) - alpha = 0.5 / 0.11 - 0.5 = 4.04545...
+    assert grad[0].item() == pytest.approx(0.5 / 0.11 - 0.5, rel=1e-6)
+    assert grad[1].item() == pytest.approx(1.6537, abs=1e-4)
+    # just below beta: alpha * ln(b + 1) + alpha * (b*beta + 1) / (b*beta + beta) - alpha
+    below = 1.5 + 0.5 * (B * 0.11 + 1) / (B * 0.11 + 0.11) - 0.5
+    assert grad[2].item() == pytest.approx(below, rel=1e-6)
+    assert below == pytest.approx(1.7014, abs=1e-4)
+    assert grad[3].item() == 1.5
+    # ... while its value is continuous there: gamma*beta + gamma/b - alpha*beta on both sides.
+    loss, _ = _loss_at([0.11 - 1e-12, 0.11 + 1e-12], beta=0.11, formulation="reference")
+    assert loss[0].item() == pytest.approx(loss[1].item(), abs=1e-10)
+
+
+def test_scaled_formulation_differs_from_reference_below_beta():
+    # Ours at |x| = 0.02, beta = 0.11: alpha * ln(b * 0.02 / 0.11 + 1) = 0.5 * ln(4.4701) = 0.7487.
+    _, grad = _loss_at([0.02], beta=0.11)
+    assert grad.item() == pytest.approx(0.5 * math.log(B * 0.02 / 0.11 + 1), rel=1e-12)
+    assert grad.item() == pytest.approx(0.7487, abs=1e-4)
+
+
+def test_formulations_agree_at_beta_1():
+    x = torch.linspace(-3, 3, 601, dtype=torch.float64)
+    scaled, grad_scaled = _loss_at(x.tolist())
+    reference, grad_reference = _loss_at(x.tolist(), formulation="reference")
+    torch.testing.assert_close(scaled, reference, rtol=0, atol=1e-14)
+    torch.testing.assert_close(grad_scaled, grad_reference, rtol=0, atol=1e-14)
+
+
+def test_reference_formulation_survives_infinite_outliers():
+    pred = torch.tensor([float("inf"), 0.01], dtype=torch.float64, requires_grad=True)
+    balanced_l1_loss(pred, torch.zeros(2, dtype=torch.float64), beta=0.11, reduction="none",
+                     formulation="reference")[1].backward()
+    assert torch.isfinite(pred.grad).all()
+
+
+def test_unknown_formulation_is_rejected():
+    with pytest.raises(ValueError, match="formulation"):
+        balanced_l1_loss(torch.zeros(2), torch.zeros(2), formulation="mmdet")

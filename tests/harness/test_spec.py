@@ -57,11 +57,13 @@ def test_trial_keys_are_stable_and_follow_the_config():
 def test_cases_are_zipped_not_crossed():
     study = load_study(os.path.join(ROOT, "studies", "paper_table6_alpha_gamma.yaml"))
     trials = study.trials()
-    assert len(trials) == 6
+    assert len(trials) == 9
+    baselines = [(t.config.detector.rcnn_box_loss, t.config.detector.box_loss.loss_weight) for t in trials[:4]]
+    assert baselines == [("smooth_l1", 1.0), ("smooth_l1", 1.5), ("smooth_l1", 2.0), ("l1", 1.0)]
     pairs = [(t.config.detector.balanced_l1_loss.enabled, t.config.detector.balanced_l1_loss.alpha,
-              t.config.detector.balanced_l1_loss.gamma) for t in trials]
-    assert pairs[0][0] is False
-    assert [p[1:] for p in pairs[1:]] == [(0.2, 1.0), (0.3, 1.0), (0.5, 1.0), (0.5, 1.5), (0.5, 2.0)]
+              t.config.detector.balanced_l1_loss.gamma) for t in trials[4:]]
+    assert all(p[0] is True for p in pairs)
+    assert [p[1:] for p in pairs] == [(0.2, 1.0), (0.3, 1.0), (0.5, 1.0), (0.5, 1.5), (0.5, 2.0)]
 
 
 def test_cases_cross_the_other_axes_and_the_seeds(tmp_path):
