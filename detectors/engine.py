@@ -355,7 +355,8 @@ def fit(
         out_dir: where `checkpoint.pt` (latest) and `metrics.json` go (rank 0 writes).
         callbacks: called on every rank after each epoch (checkpoint already written) with flat
             metrics: epoch (1-based), loss and loss_* terms, lr, sec_per_iter,
-            train_images_per_sec, peak_memory_mb, epoch_seconds, and on evaluated epochs the
+            train_images_per_sec, peak_memory_mb, epoch_seconds, attempt_start_epoch and
+            attempt_steps (this call's first epoch and steps so far), world_size, and on evaluated epochs the
             bbox_* metrics, eval_seconds, eval_images_per_sec. An exception from a callback
             stops training and propagates (the harness prunes this way).
         resume: continue from out_dir's checkpoint when there is one.
@@ -363,7 +364,9 @@ def fit(
 
     Returns:
         {"final": last epoch's metrics, "history": every epoch's, "per_class_AP": {name: AP},
-         "eval_summary": str, "checkpoint": path}.
+         "eval_summary": str, "checkpoint": path, "attempt": {"attempt_start_epoch",
+         "attempt_steps", "world_size"}}: what this call trained (also in every epoch's metrics,
+         hence in the history, the checkpoint and metrics.json).
 
     Raises:
         NonFiniteLossError when the loss goes NaN/inf; ConfigError / DatasetError for bad input.
@@ -416,6 +419,9 @@ def fit(
         last_eval = dict(state["last_eval"])
         start_epoch = int(state["epoch"]) + 1
         torch.set_rng_state(state["rng_state"].cpu())
+    # What this attempt itself trains, so a caller can tell a resume from a restart by what ran
+    # (not by what was printed): its first epoch and its optimizer steps (one scheduler step each).
+    steps_before = scheduler.last_epoch
 
     if ctx.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -435,6 +441,7 @@ def fit(
             )
         )
         metrics["peak_memory_mb"] = peak_memory_mb(device)
+        metrics.update(_attempt(start_epoch, scheduler.last_epoch - steps_before, ctx))
         if epoch % schedule.eval_every == 0 or epoch == schedule.epochs:
             last_eval = evaluate(
                 _unwrap(model), val_set, device=device, batch_size=schedule.evaluation_batch_size, amp=schedule.amp,
@@ -456,7 +463,8 @@ def fit(
                 "last_eval": {"per_class_AP": last_eval["per_class_AP"], "summary": last_eval["summary"]},
                 "rng_state": torch.get_rng_state(),
             })
-            _write_metrics(out_dir, cfg, history, last_eval)
+            _write_metrics(out_dir, cfg, history, last_eval,
+                           _attempt(start_epoch, scheduler.last_epoch - steps_before, ctx))
         for callback in callbacks:
             callback(dict(metrics))
 
@@ -466,12 +474,21 @@ def fit(
         "per_class_AP": last_eval["per_class_AP"],
         "eval_summary": last_eval["summary"],
         "checkpoint": checkpoint_path,
+        "attempt": _attempt(start_epoch, scheduler.last_epoch - steps_before, ctx),
     }
 
 
-def _write_metrics(out_dir: str, cfg: TrainConfig, history: list[dict], last_eval: dict) -> None:
+def _attempt(start_epoch: int, num_steps: int, ctx: DistContext) -> dict[str, int]:
+    """What this call of `fit` trained: its first epoch (1 = from scratch, > 1 = resumed), its
+    optimizer steps so far, and the number of processes that trained together (DDP world size)."""
+    return {"attempt_start_epoch": start_epoch, "attempt_steps": num_steps, "world_size": ctx.world_size}
+
+
+def _write_metrics(out_dir: str, cfg: TrainConfig, history: list[dict], last_eval: dict,
+                   attempt: dict[str, int]) -> None:
     payload = {
         "config": cfg.to_dict(),
+        "attempt": attempt,
         "final": history[-1] if history else {},
         "history": history,
         "per_class_AP": last_eval["per_class_AP"],

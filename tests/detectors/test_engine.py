@@ -1,5 +1,6 @@
 """The training engine: learning-rate schedule, fit on synthetic data, checkpoints and resume."""
 import dataclasses
+import json
 import math
 
 import pytest
@@ -75,6 +76,14 @@ def test_resume_continues_from_the_next_epoch_like_an_uninterrupted_run(tmp_path
     seen = []
     resumed = fit(cfg, str(tmp_path / "cut"), callbacks=[seen.append], progress=False)
     assert [m["epoch"] for m in seen] == [2, 3]
+    # What each call trained, as fit records it: 8 images / batch 2 = 4 steps per epoch.
+    assert straight["attempt"] == {"attempt_start_epoch": 1, "attempt_steps": 12, "world_size": 1}
+    assert resumed["attempt"] == {"attempt_start_epoch": 2, "attempt_steps": 8, "world_size": 1}
+    assert [(m["attempt_start_epoch"], m["attempt_steps"]) for m in seen] == [(2, 4), (2, 8)]
+    assert [h["attempt_start_epoch"] for h in resumed["history"]] == [1, 2, 2]  # epoch 1: the first call
+    on_disk = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert on_disk["attempt"] == resumed["attempt"]
+    assert load_checkpoint(str(tmp_path / "cut" / CHECKPOINT_NAME))["history"][-1]["attempt_steps"] == 8
     assert [m["epoch"] for m in resumed["history"]] == [1, 2, 3]
     for a, b in zip(straight["history"], resumed["history"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -83,6 +92,18 @@ def test_resume_continues_from_the_next_epoch_like_an_uninterrupted_run(tmp_path
     final_resumed = load_checkpoint(str(tmp_path / "cut" / CHECKPOINT_NAME))["model"]
     for name, tensor in final_straight.items():
         torch.testing.assert_close(final_resumed[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_restart_records_that_it_trained_from_scratch(tmp_path):
+    cfg = tiny_config(tmp_path / "data", epochs=1, max_iters_per_epoch=3)
+    fit(cfg, str(tmp_path / "run"), progress=False)
+    cfg2 = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, epochs=2))
+    # resume=False ignores the checkpoint: both epochs again, 3 steps each (max_iters_per_epoch).
+    restarted = fit(cfg2, str(tmp_path / "run"), resume=False, progress=False)
+    assert restarted["attempt"] == {"attempt_start_epoch": 1, "attempt_steps": 6, "world_size": 1}
+    resumed = fit(dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, epochs=3)),
+                  str(tmp_path / "run"), progress=False)
+    assert resumed["attempt"] == {"attempt_start_epoch": 3, "attempt_steps": 3, "world_size": 1}
 
 
 def _stop_after(epoch):
