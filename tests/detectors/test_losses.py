@@ -237,3 +237,24 @@ def test_reference_formulation_survives_infinite_outliers():
 def test_unknown_formulation_is_rejected():
     with pytest.raises(ValueError, match="formulation"):
         balanced_l1_loss(torch.zeros(2), torch.zeros(2), formulation="mmdet")
+
+
+@pytest.mark.parametrize("alpha, gamma, expected", [
+    # alpha 0.2, gamma 1: b = e^5 - 1 = 147.413159, C = 1 / b - 0.2 = -0.193216.
+    #   x = 0.1: b x + 1 = 15.741316, ln = 2.756289; 0.2 / b * 15.741316 * 2.756289 - 0.02
+    #   x = 0.5: b x + 1 = 74.706580, ln = 4.313568; 0.2 / b * 74.706580 * 4.313568 - 0.1
+    #   x = 2 (outlier): 1 * 2 + C
+    (0.2, 1.0, [0.0388653193, 0.3372091684, 1.8067836549]),
+    # alpha 1, gamma 1.5: b = e^1.5 - 1 = 3.481689, C = 1.5 / b - 1 = -0.569175.
+    #   x = 0.1: b x + 1 = 1.348169, ln = 0.298747; 1 / b * 1.348169 * 0.298747 - 0.1
+    #   x = 0.5: b x + 1 = 2.740845, ln = 1.008266; 1 / b * 2.740845 * 1.008266 - 0.5
+    #   x = 2 (outlier): 1.5 * 2 + C
+    (1.0, 1.5, [0.0156800110, 0.2937241285, 2.4308253752]),
+])
+def test_closed_form_values_with_other_alpha_and_gamma(alpha, gamma, expected):
+    # alpha enters the value on both branches (the inlier curve, and C = gamma / b - alpha on the
+    # outlier line); the gradient test alone would not see a wrong constant C.
+    loss, _ = _loss_at([0.1, 0.5, 2.0], alpha=alpha, gamma=gamma)
+    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-9)
+    default, _ = _loss_at([0.1, 0.5, 2.0])
+    assert (loss - default).abs().min() > 1e-3  # every point tells these settings from the defaults

@@ -318,3 +318,25 @@ def test_random_sample_device(device):
     indices = random_sample(50, 10, generator=_gen(0, device), device=device)
     assert indices.device.type == device and indices.dtype == torch.int64
     _check_indices(indices.cpu(), 50, 10)
+
+
+def test_bins_start_at_the_floor_threshold_not_at_zero():
+    # Floor set: 100 at IoU 0.1. Above floor_thr = 0.3 the two bins are [0.3, 0.4) and [0.4, 0.5]
+    # (width 0.1 from the floor edge): 50 at 0.32 and 10 at 0.45 + the maximum 0.5. Budget 20,
+    # floor fraction 0: 10 per bin, so exactly 10 drawn at >= 0.4. Bins measured from 0 instead
+    # ([0, 0.25), [0.25, 0.5]) would put every bin candidate in one bin: about 20 * 11 / 61 = 4.
+    max_ious = torch.cat([torch.full((100,), 0.1), torch.full((50,), 0.32), torch.full((10,), 0.45),
+                          torch.tensor([0.5])])
+    for seed in range(3):
+        indices = iou_balanced_neg_sample(max_ious, 20, num_bins=2, floor_thr=0.3, generator=_gen(seed))
+        drawn = max_ious[indices]
+        assert (drawn >= 0.4).sum() == 10 and (drawn < 0.3).sum() == 0
+
+
+def test_an_iou_equal_to_the_floor_threshold_is_in_the_bins():
+    # floor_thr splits IoU < floor_thr (floor) from >= floor_thr (bins); 0.25 is exact in float32.
+    # With fraction 0 the 10 draws all come from the 30 candidates at exactly 0.25; counting them
+    # as floor (<=) would leave the bins empty and draw mostly the 100 at 0.1.
+    max_ious = torch.cat([torch.full((100,), 0.1), torch.full((30,), 0.25)])
+    indices = iou_balanced_neg_sample(max_ious, 10, num_bins=3, floor_thr=0.25, generator=_gen(0))
+    assert max_ious[indices].tolist() == [0.25] * 10
