@@ -114,8 +114,15 @@ def test_trial_with_two_cpu_workers_runs_ddp(ray_cluster, write_study, tmp_path,
     assert runs.loc[0, "tags.libra.trial_state"] == "finished"
     assert runs.loc[0, "params.resources.workers"] == "2"
     assert runs["metrics.bbox_mAP"].notna().all()
-    history = MlflowClient(default_uri(str(work))).get_metric_history(runs.loc[0, "run_id"], "loss")
+    client = MlflowClient(default_uri(str(work)))
+    history = client.get_metric_history(runs.loc[0, "run_id"], "loss")
     assert [m.step for m in history] == [1, 2]  # rank 0 alone reports: no duplicate epochs
+    # What the worker itself saw: torch.distributed with 2 processes, each training on its half
+    # of the 8 images (2 steps of 2 images per epoch; one process alone would take 4 steps).
+    world = client.get_metric_history(runs.loc[0, "run_id"], "world_size")
+    assert [(m.step, m.value) for m in world] == [(1, 2.0), (2, 2.0)]
+    steps = client.get_metric_history(runs.loc[0, "run_id"], "attempt_steps")
+    assert [(m.step, m.value) for m in steps] == [(1, 2.0), (2, 4.0)]
 
 
 def test_failing_trial_is_retried_then_reported(ray_cluster, write_study, tmp_path, capsys):
@@ -191,7 +198,11 @@ def test_resume_after_the_driver_is_killed(ray_cluster, write_study, tmp_path, c
     out = capsys.readouterr().out
     assert "resuming: 1 trial(s)" in out
     assert f"{len(finished_before)} trial(s) already done" in out
-    assert f"{labels[1]}: epoch 1/3" not in out  # resumed from its checkpoint, not from scratch
+    # Resumed from its checkpoint, not from scratch: what the second attempt trained, as fit
+    # recorded it (the killed driver left a checkpoint of epoch 1 at least; 4 steps an epoch).
+    attempt = json.loads((work / "trials" / keys[labels[1]] / "metrics.json").read_text())["attempt"]
+    assert attempt["attempt_start_epoch"] >= 2
+    assert attempt["attempt_steps"] == 4 * (3 - attempt["attempt_start_epoch"] + 1)
 
     after = _runs(work, "killed")
     assert len(after) == 4 and after["tags.libra.trial_key"].is_unique  # no duplicate runs
@@ -297,5 +308,14 @@ def test_a_killed_worker_is_retried_from_its_checkpoint(ray_cluster, write_study
     assert len(runs) == 1 and runs.loc[0, "tags.libra.attempts"] == "2"
     history = MlflowClient(default_uri(str(tmp_path / "work"))).get_metric_history(
         runs.loc[0, "run_id"], "loss")
-    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # each epoch once: resumed, not restarted
-    assert "epoch 1/4" not in out.split("retry ")[1]  # the second attempt starts after epoch 1
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # each epoch once
+    # Resumed, not restarted: the second attempt's own record (fit's, at every epoch it trained)
+    # starts after the checkpoint the first attempt left, and took 4 steps per epoch it trained.
+    client = MlflowClient(default_uri(str(tmp_path / "work")))
+    starts = {m.step: m.value for m in client.get_metric_history(runs.loc[0, "run_id"], "attempt_start_epoch")}
+    assert starts[1] == 1.0  # epoch 1: the first attempt, from scratch
+    resumed_at = int(starts[4])
+    assert resumed_at >= 2 and all(starts[e] == resumed_at for e in range(resumed_at, 5))
+    attempt = json.loads((tmp_path / "work" / "trials" / key / "metrics.json").read_text())["attempt"]
+    assert attempt == {"attempt_start_epoch": resumed_at, "attempt_steps": 4 * (5 - resumed_at),
+                       "world_size": 1}
