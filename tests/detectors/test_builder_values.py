@@ -18,6 +18,8 @@ from detectors import build_detector
 from detectors.bfp import NonLocalBlock2d
 from detectors.config import ScheduleConfig, TrainConfig
 from detectors.engine import lr_factor
+from detectors.roi_heads import random_draw
+from detectors.sampling import instance_balanced_pos_sample, iou_balanced_neg_sample
 
 TINY = {
     "backbone": "tiny", "num_classes": 3, "min_size": 64, "max_size": 64, "fpn_channels": 16,
@@ -61,6 +63,12 @@ def sample_negatives(model, max_ious):
     return max_ious[keep]
 
 
+def negative_draw_settings(model):
+    """The IoU-balanced settings the built sampler's negative draw holds; None for random draws."""
+    draw = model.roi_heads.sampler.neg_draw
+    return draw.keywords if getattr(draw, "func", None) is iou_balanced_neg_sample else None
+
+
 def histogram(values, edges):
     """Counts per [edges[i], edges[i + 1]), the last bin closed."""
     counts = []
@@ -77,7 +85,7 @@ def histogram(values, edges):
 ])
 def test_num_bins_reaches_the_sampler_and_sets_the_bin_counts(num_bins, expected):
     model = build(iou_balanced_sampling={"enabled": True, "num_bins": num_bins})
-    assert model.roi_heads.sampling.iou_balanced and model.roi_heads.sampling.num_bins == num_bins
+    assert negative_draw_settings(model)["num_bins"] == num_bins
     drawn = sample_negatives(model, negatives_on_grid())
     edges = [0.45 * i / num_bins for i in range(num_bins + 1)]
     assert histogram(drawn, edges) == expected
@@ -86,7 +94,7 @@ def test_num_bins_reaches_the_sampler_and_sets_the_bin_counts(num_bins, expected
 def test_random_sampling_when_the_switch_is_off_gives_other_counts():
     # The data above is not balanced by chance: plain random sampling draws mostly easy ones.
     model = build(iou_balanced_sampling={"enabled": False, "num_bins": 5})
-    assert not model.roi_heads.sampling.iou_balanced
+    assert negative_draw_settings(model) is None and model.roi_heads.sampler.neg_draw is random_draw
     drawn = sample_negatives(model, negatives_on_grid())
     assert histogram(drawn, [0.0, 0.09, 0.45])[0] > 30  # balanced: 12; random: about 43
 
@@ -100,8 +108,8 @@ def test_random_sampling_when_the_switch_is_off_gives_other_counts():
 def test_floor_settings_reach_the_sampler_and_set_the_counts(floor_thr, floor_fraction, expected):
     model = build(iou_balanced_sampling={"enabled": True, "num_bins": 3, "floor_thr": floor_thr,
                                          "floor_fraction": floor_fraction})
-    sampling = model.roi_heads.sampling
-    assert (sampling.floor_thr, sampling.floor_fraction) == (floor_thr, floor_fraction)
+    settings = negative_draw_settings(model)
+    assert (settings["floor_thr"], settings["floor_fraction"]) == (floor_thr, floor_fraction)
     drawn = sample_negatives(model, negatives_on_grid())
     assert histogram(drawn, [0.0, 0.09, 0.21, 0.33, 0.45]) == expected
 
@@ -115,7 +123,8 @@ def test_instance_balanced_positives_reach_the_sampler():
     counts = {}
     for balanced in (False, True):
         model = build(iou_balanced_sampling={"enabled": True, "instance_balanced_pos": balanced})
-        assert model.roi_heads.sampling.instance_balanced_pos is balanced
+        pos_draw = model.roi_heads.sampler.pos_draw
+        assert pos_draw is (instance_balanced_pos_sample if balanced else random_draw)
         torch.manual_seed(0)
         keep = model.roi_heads.sample_proposals(labels, gt_of_positive, torch.full((100,), 0.7))
         assert keep.numel() == 15
