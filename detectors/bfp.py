@@ -26,8 +26,10 @@ class NonLocalBlock2d(nn.Module):
 
     y = x + W_out * (softmax(theta(x)^T phi(x)) g(x)), where theta, phi, g and W_out are 1x1
     convolutions and the softmax runs over all H*W positions, without the 1/sqrt(d) scaling
-    (as in Libra R-CNN). Memory: the attention is [N, H*W, H*W]; at P4 of an 800x1333 image
-    (50x84 positions) that is about 70 MB per image in fp32.
+    (as in Libra R-CNN). The attention is computed by `F.scaled_dot_product_attention` with
+    scale=1, so a fused kernel runs (flash / memory-efficient on a GPU, the flash kernel on the
+    CPU) and the [N, H*W, H*W] matrix (about 70 MB per image in fp32 at P4 of an 800x1333 image,
+    50x84 positions) is never materialised in the forward pass.
 
     Args:
         channels: C, the input and output channels.
@@ -61,13 +63,19 @@ class NonLocalBlock2d(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, _, h, w = x.shape
-        theta = self.theta(x).flatten(2)  # [N, C', HW]
-        phi = self.phi(x).flatten(2)  # [N, C', HW]
-        g = self.g(x).flatten(2)  # [N, C', HW]
-        attention = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)  # [N, HW (query), HW (key)]
-        y = (g @ attention.transpose(1, 2)).reshape(n, -1, h, w)  # [N, C', H, W]
-        return x + self.out(y)
+        n, c, h, w = x.shape
+        # SDPA wants [N, positions, channels] with unit stride on channels (a transposed view
+        # sends it to the unfused math path), so the 1x1 convolutions run as linear maps on the
+        # positions-first layout: one transpose in, one out, and no im2col for the convs.
+        seq = x.flatten(2).transpose(1, 2).contiguous()  # [N, HW, C]
+        theta, phi, g = (
+            F.linear(seq, conv.weight.flatten(1), conv.bias)  # [N, HW, C']
+            for conv in (self.theta, self.phi, self.g)
+        )
+        # scale=1.0: the paper's unscaled dot product (SDPA's default would divide by sqrt(C')).
+        y = F.scaled_dot_product_attention(theta, phi, g, scale=1.0)  # [N, HW (query), C']
+        y = F.linear(y, self.out.weight.flatten(1), self.out.bias)  # [N, HW, C]
+        return x + y.transpose(1, 2).reshape(n, c, h, w)  # [N, C, H, W]
 
 
 class BalancedFeaturePyramid(nn.Module):
@@ -145,18 +153,26 @@ class BalancedFeaturePyramid(nn.Module):
 
         # 1. Gather (rescale): bring every level to the refine level's size; the larger (finer)
         # levels by max-pooling, which keeps their strongest responses, the smaller by nearest.
-        target_size = levels[self.refine_level].shape[-2:]
-        gathered = [
-            _resize(level, target_size, shrink=index < self.refine_level)
-            for index, level in enumerate(levels)
-        ]
-        # 2. Integrate: the balanced semantic features, an unweighted mean over levels.
-        balanced = torch.stack(gathered).mean(dim=0)  # [N, C, H_r, W_r]
+        # 2. Integrate: the balanced semantic features, an unweighted mean over levels, summed
+        # level by level (no stacked copy), the nearest-upsampled levels by broadcasting.
+        target = levels[self.refine_level]
+        total = None
+        for index, level in enumerate(levels):
+            if index < self.refine_level:
+                gathered = _resize(level, target.shape[-2:], shrink=True)
+                total = gathered if total is None else total + gathered
+            elif index == self.refine_level:
+                total = level if total is None else total + level
+            else:
+                total = _add_upsampled(total, level)
+        balanced = total / len(levels)  # [N, C, H_r, W_r]
         # 3. Refine.
         balanced = self.refine(balanced)
         # 4. Scatter (strengthen): the reverse resize back to each level, added as a residual.
         outputs = [
-            level + _resize(balanced, level.shape[-2:], shrink=index > self.refine_level)
+            _add_upsampled(level, balanced)
+            if index < self.refine_level
+            else level + _resize(balanced, level.shape[-2:], shrink=index > self.refine_level)
             for index, level in enumerate(levels)
         ]
 
@@ -179,6 +195,23 @@ def _resize(x: Tensor, size: Sequence[int], shrink: bool) -> Tensor:
     if shrink:
         return F.adaptive_max_pool2d(x, size)
     return F.interpolate(x, size=size, mode="nearest")
+
+
+def _add_upsampled(base: Tensor, small: Tensor) -> Tensor:
+    """base + nearest-upsample(small to base's size): [N, C, H, W] + [N, C, h, w] -> [N, C, H, W].
+
+    When H and W are whole multiples of h and w, nearest upsampling repeats each pixel in an
+    fh x fw block, so the sum is a broadcast add over a [N, C, h, fh, w, fw] view: the upsampled
+    map is never built (on the CPU F.interpolate plus the add costs about 4x as much, forward
+    and backward). Other ratios fall back to F.interpolate.
+    """
+    n, c, big_h, big_w = base.shape
+    h, w = small.shape[-2:]
+    if big_h % h or big_w % w:
+        return base + F.interpolate(small, size=(big_h, big_w), mode="nearest")
+    fh, fw = big_h // h, big_w // w
+    blocks = base.reshape(n, c, h, fh, w, fw) + small[:, :, :, None, :, None]
+    return blocks.reshape(n, c, big_h, big_w)
 
 
 class BackboneWithBFP(nn.Module):

@@ -1,5 +1,6 @@
 """Balanced Feature Pyramid: shapes and keys, the integrate-and-add rule against independent
 references, the non-local block (identity at init, its formula, gradients), the wrapper."""
+import copy
 from collections import OrderedDict
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid, NonLocalBlock2d
+from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid, NonLocalBlock2d, _add_upsampled
 
 CHANNELS = 4
 ODD_SIZES = [(25, 38), (13, 19), (7, 10), (4, 5), (2, 3)]
@@ -99,6 +100,66 @@ def test_integration_with_integer_ratios_matches_block_max_and_repeat():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("fh, fw", [(1, 1), (2, 2), (3, 1), (2, 5), (7, 3), (4, 6)])
+def test_broadcast_upsample_add_equals_interpolate_exactly(fh, fw):
+    # The broadcast fast path against F.interpolate's nearest, for whole-number ratios that
+    # differ between height and width; and a non-whole ratio takes the interpolate path.
+    gen = torch.Generator().manual_seed(fh * 10 + fw)
+    small = torch.randn(2, 3, 5, 4, generator=gen)
+    base = torch.randn(2, 3, 5 * fh, 4 * fw, generator=gen)
+    want = base + F.interpolate(small, size=base.shape[-2:], mode="nearest")
+    assert torch.equal(_add_upsampled(base, small), want)
+    odd = torch.randn(2, 3, 5 * fh + 1, 4 * fw, generator=gen)
+    assert torch.equal(_add_upsampled(odd, small),
+                       odd + F.interpolate(small, size=odd.shape[-2:], mode="nearest"))
+
+
+def _reference_bfp(bfp, levels):
+    """The neck as written before the fast paths: every level resized, stacked and averaged,
+    refined, then resized back with F.interpolate / adaptive max-pooling and added."""
+    r = bfp.refine_level
+    target = levels[r].shape[-2:]
+    gathered = [F.adaptive_max_pool2d(lv, target) if i < r else
+                F.interpolate(lv, size=target, mode="nearest") if i > r else lv
+                for i, lv in enumerate(levels)]
+    balanced = bfp.refine(torch.stack(gathered).mean(dim=0))
+    return [lv + (F.interpolate(balanced, size=lv.shape[-2:], mode="nearest") if i < r else
+                  F.adaptive_max_pool2d(balanced, lv.shape[-2:]) if i > r else balanced)
+            for i, lv in enumerate(levels)]
+
+
+@pytest.mark.parametrize("sizes", [
+    [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4)],  # configs/cpu_small.yaml at 256 px
+    [(36, 40), (12, 20), (6, 10), (3, 5), (1, 1)],  # whole ratios, different per axis
+    [(200, 334), (100, 167), (50, 84), (25, 42), (13, 21)],  # 800x1333: some not whole
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_neck_equals_the_resize_stack_and_mean_form_in_value_and_gradient(sizes, dtype):
+    # float32 (what trains) to 1e-6 in the outputs, the levels' gradients too; the parameters'
+    # gradients sum over every position, so they are held to 1e-6 in float64, where the
+    # comparison sees the algebra and not float32's summation order.
+    bfp = BalancedFeaturePyramid(CHANNELS, num_levels=5, refine_level=2, refine_type="non_local")
+    _randomise(bfp)
+    bfp = bfp.to(dtype)
+    levels = [lv.to(dtype).requires_grad_() for lv in _levels(sizes=sizes)]
+    copies = [lv.detach().clone().requires_grad_() for lv in levels]
+    gen = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(lv.shape, generator=gen).to(dtype) for lv in levels]
+    got, want = bfp(levels), _reference_bfp(bfp, copies)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    got_grads = torch.autograd.grad(sum((g * u).sum() for g, u in zip(got, upstream)),
+                                    levels + list(bfp.parameters()))
+    want_grads = torch.autograd.grad(sum((w * u).sum() for w, u in zip(want, upstream)),
+                                     copies + list(bfp.parameters()))
+    checked = len(got_grads) if dtype == torch.float64 else len(levels)
+    # A coarse level's gradient sums a whole block of the balanced map's gradient (60 entries
+    # into the 1x1 level), so in float32 it agrees to summation order: 1e-5 relative.
+    grad_rtol = 1e-6 if dtype == torch.float64 else 1e-5
+    for g, w in list(zip(got_grads, want_grads))[:checked]:
+        torch.testing.assert_close(g, w, rtol=grad_rtol, atol=1e-6)
+
+
 def test_a_single_level_is_doubled():
     # One level: the mean is the level itself, added back to itself.
     level = _levels(sizes=[(5, 7)])[0]
@@ -147,6 +208,64 @@ def test_non_local_block_computes_the_embedded_gaussian_formula():
         weights = torch.softmax(theta[:, i] @ phi, dim=0)  # [HW] over positions j
         expected[:, i] = flat[:, i] + conv1x1(block.out, (g * weights).sum(dim=1, keepdim=True))[:, 0]
     torch.testing.assert_close(block(x)[0].reshape(CHANNELS, -1), expected)
+
+
+def _explicit_non_local(block, x):
+    """The block written as the paper's matrices: x + W_out(g softmax(theta^T phi)^T), no scale."""
+    n, _, h, w = x.shape
+    theta, phi, g = (conv(x).flatten(2) for conv in (block.theta, block.phi, block.g))  # [N, C', HW]
+    attention = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)  # [N, HW (query), HW (key)]
+    return x + block.out((g @ attention.transpose(1, 2)).reshape(n, -1, h, w))
+
+
+def _assert_close_scaled(got, want, name, scale):
+    # float64: 1e-9 (the fused kernel and the explicit form agree to rounding). float32 against
+    # the float64 reference: 1e-5 relative to the test's largest value (`scale`), since a
+    # parameter's gradient sums over every position and batch element, and phi's bias has an
+    # exact-zero gradient (softmax ignores a per-query shift) that float32 meets only to rounding.
+    atol = 1e-9 if got.dtype == torch.float64 else 1e-5 * max(1.0, scale)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=atol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch, size", [(1, (3, 4)), (2, (7, 10)), (3, (16, 16)), (2, (5, 1)),
+                                         (1, (25, 38))])
+def test_fused_non_local_block_equals_the_explicit_formula_in_value_and_gradient(batch, size, dtype):
+    # The module (the fused kernel runs in both dtypes on the CPU) against the explicit
+    # softmax(theta^T phi) g in float64: the output, the input's gradient and every
+    # parameter's gradient under a random upstream gradient.
+    block = NonLocalBlock2d(8, inner_channels=6)
+    _randomise(block, seed=batch)
+    reference = copy.deepcopy(block).double()
+    block = block.to(dtype)
+    gen = torch.Generator().manual_seed(sum(size))
+    x = torch.randn(batch, 8, *size, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    x_fused, x_ref = x.to(dtype, copy=True).requires_grad_(), x.clone().requires_grad_()
+
+    fused, explicit = block(x_fused), _explicit_non_local(reference, x_ref)
+    (fused * upstream.to(dtype)).sum().backward()
+    (explicit * upstream).sum().backward()
+    pairs = [("output", fused.detach(), explicit.detach()), ("input grad", x_fused.grad, x_ref.grad)]
+    pairs += [(name, param.grad, ref.grad) for (name, param), ref
+              in zip(block.named_parameters(), reference.parameters())]
+    scale = max(want.abs().max().item() for _, _, want in pairs)
+    for name, got, want in pairs:
+        assert got is not None, name
+        _assert_close_scaled(got, want, name, scale)
+
+
+def test_fused_non_local_block_runs_a_fused_kernel_on_the_cpu():
+    # The point of SDPA: in float32 on the CPU the flash kernel runs, not the math fallback
+    # that builds the HW x HW matrix with a separate softmax.
+    block = NonLocalBlock2d(CHANNELS)
+    x = _levels(sizes=[(7, 10)])[0]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        block(x)
+    names = {event.key for event in prof.key_averages()}
+    assert any("flash_attention" in name for name in names), sorted(names)
+    assert "aten::softmax" not in names and "aten::_softmax" not in names
 
 
 def test_gradients_reach_every_non_local_parameter():
