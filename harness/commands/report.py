@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")  # files only; never a window
 
-    from harness import plots, report
+    from harness import plots, preflight, report
     from harness.spec import load_study
     from harness.study import default_work_dir
     from harness.tracking import default_uri
@@ -80,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
     probe_dir = work_dir or os.path.abspath(os.path.join("libra-work", name))
     uri = args.tracking_uri or (study.spec.tracking.uri if study else None) or default_uri(probe_dir)
     experiment = (study.spec.tracking.experiment if study else None) or name
+    if args.tracking_uri or (study and study.spec.tracking.uri):
+        source = preflight.value_source("--tracking-uri", args.tracking_uri, "tracking.uri",
+                                        args.study_file, args.overrides)
+        preflight.check_tracking_uri(uri, source, contact=False)
+    out = preflight.writable_dir("--out", args.out or os.path.join("results", name), create=False)
 
     runs = report.load_study_runs(uri, experiment)
     if not len(runs):
@@ -99,7 +104,6 @@ def run(args: argparse.Namespace) -> int:
         work_dir = recorded if recorded and os.path.isdir(recorded) else (
             default_work_dir(study) if study else probe_dir)
 
-    out = os.path.abspath(args.out or os.path.join("results", name))
     os.makedirs(out, exist_ok=True)
     kind = study.kind if study else (_latest_tag(parents, "libra.kind") or "grid")
     varied = study.varied_keys if study else _varied_from_runs(runs)
