@@ -8,6 +8,7 @@ the real `python -m harness.cli` in a subprocess. docs/errors.md keeps the count
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -379,3 +380,44 @@ def test_the_libra_entry_point_as_a_process(corpus):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "malicious.pt" in proc.stderr and "weights_only=False" not in proc.stderr
     assert not os.path.exists(corpus["marker"])
+
+
+# --------------------------------------------------------------------------------------------
+# Help that teaches.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["run", "report", "train", "eval", "data synth", "bench"])
+def test_every_help_has_an_example_and_shows_defaults(command, capsys):
+    from harness.cli import build_parser
+
+    with pytest.raises(SystemExit) as stop:
+        main([*command.split(), "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "example" in text and f"libra {command}" in text.split("example", 1)[1]
+    # Every option with a default value says it.
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command.split()[0]]
+    if " " in command:
+        sub = sub._subparsers._group_actions[0].choices[command.split()[1]]
+    for action in sub._actions:
+        if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS) \
+                and action.help != argparse.SUPPRESS:
+            shown = sub.formatter_class(sub.prog)._get_help_string(action)
+            assert "default" in shown, f"libra {command} {action.option_strings[0]}: no default shown"
+
+
+def test_libra_help_states_the_exit_codes_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert text.count("exit codes") == 1
+    for code in ("0 ", "1 ", "2 ", "130"):
+        assert f"\n  {code}" in text
+
+
+def test_train_dry_run_trains_nothing(corpus, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["train", corpus["config_yaml"], "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "valid" in printed and "nothing trained" in printed
+    assert not out.exists()
