@@ -185,6 +185,10 @@ def _parse_image_size(text: str) -> tuple[int, int]:
         raise UserError(f"--image-size {text!r}: expected HEIGHTxWIDTH, e.g. 800x1333") from None
     if h < 32 or w < 32:
         raise UserError(f"--image-size {text!r}: both sides must be at least 32 pixels")
+    from detectors.config import MAX_IMAGE_SIDE
+
+    if max(h, w) > MAX_IMAGE_SIDE:
+        raise UserError(f"--image-size {text!r}: each side must be at most {MAX_IMAGE_SIDE} pixels")
     return h, w
 
 

@@ -284,6 +284,7 @@ CASES = [
     ("report/top-0", f"report {S} --top 0", ["--top"]),
     # ---- libra bench (flags checked before anything is measured)
     ("bench/device-unknown", "bench --device tpu", ["--device", "'tpu'"]),
+    ("bench/image-size-absurd", "bench --image-size 100000x100000 --what model", ["--image-size", "8192"]),
     ("bench/batch-size-0", "bench --batch-size 0 --what model", ["--batch-size"]),
     ("bench/study-set-syntax", f"bench --what harness --study {S} --study-set schedule.epochs", ["--study-set", "KEY=VALUE"]),
     ("bench/study-set-value", f"bench --what harness --study {S} --study-set schedule.lr=-1", ["study.yaml", "schedule.lr"]),
