@@ -120,7 +120,12 @@ def _load_weights(body: nn.Module, pretrained: str, name: str) -> None:
                 f"detector.pretrained: {pretrained} is not a file; give a local weights file, "
                 "'imagenet', or null for random initialisation"
             )
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 (corrupt, truncated, or a pickle that could run code)
+            # Never suggest weights_only=False (torch's advice): that would run the file's code.
+            raise ConfigError(f"detector.pretrained: {pretrained} is not a readable weights file "
+                              "holding only tensors; give a state-dict file, 'imagenet' or null") from None
         weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
     missing, unexpected = body.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,38 @@ class ConfigError(ValueError):
 
 # `detector.pretrained` values that name torchvision's ImageNet weights rather than a file.
 IMAGENET_PRETRAINED = ("imagenet", "imagenet_v1", "imagenet_v2")
+
+
+MAX_SEED = 2**32 - 1  # NumPy's seed range (the synthetic generator); torch accepts it too
+MAX_IMAGE_SIDE = 8192  # pixels; a larger side cannot be trained on any current accelerator
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_range(where: str, value: Any, low: Any = None, high: Any = None, *,
+                low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """ConfigError `<where> must be in [low, high], got value` unless low <= value <= high.
+
+    Open ends use ( and ); `optional` lets None through. NaN fails every range.
+    """
+    if value is None and optional:
+        return
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    if not (above and below):
+        if high is None:
+            allowed = f"{'>' if low_open else '>='} {low}"
+        elif low is None:
+            allowed = f"{'<' if high_open else '<='} {high}"
+        else:
+            allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        suffix = " or null" if optional else ""
+        raise ConfigError(f"{where} must be {allowed}{suffix}, got {value!r}")
+
+
+def check_device(where: str, value: str) -> None:
+    """ConfigError unless `value` is auto, cpu, cuda or cuda:N."""
+    if not _DEVICE.fullmatch(value):
+        raise ConfigError(f"{where} must be auto, cpu, cuda or cuda:N, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +216,15 @@ class DetectorConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("min_size", "max_size"):
+            check_range(f"{where}.{name}", getattr(self, name), 1, MAX_IMAGE_SIDE)
+        for name in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
+                     "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test"):
+            check_range(f"{where}.{name}", getattr(self, name), 1)
+        for i, size in enumerate(self.anchor_sizes):
+            check_range(f"{where}.anchor_sizes[{i}]", size, 1)
+        check_range(f"{where}.box_score_thresh", self.box_score_thresh, 0.0, 1.0)
+        check_range(f"{where}.box_nms_thresh", self.box_nms_thresh, 0.0, 1.0, low_open=True)
         if not 0.0 < self.roi_positive_fraction <= 1.0:
             raise ConfigError(f"{where}.roi_positive_fraction must be in (0, 1]")
         if not (self.rpn_neg_pos_ub == -1.0 or self.rpn_neg_pos_ub > 0):
@@ -249,6 +291,12 @@ class SyntheticDataConfig:
     image_size: int = 256
     seed: int = 0
 
+    def validate(self, where: str) -> None:
+        check_range(f"{where}.num_train", self.num_train, 1)
+        check_range(f"{where}.num_val", self.num_val, 1)
+        check_range(f"{where}.image_size", self.image_size, 32, 4096)  # the generator's floor; 4K px
+        check_range(f"{where}.seed", self.seed, 0, MAX_SEED)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -275,6 +323,10 @@ class DataConfig:
                     raise ConfigError(f"{where}.{name} is required when {where}.kind is coco")
         if not 0.0 <= self.horizontal_flip <= 1.0:
             raise ConfigError(f"{where}.horizontal_flip must be a probability in [0, 1]")
+        check_range(f"{where}.num_workers", self.num_workers, 0)
+        check_range(f"{where}.max_val_images", self.max_val_images, 1, optional=True)
+        if self.kind == "synthetic":
+            self.synthetic.validate(f"{where}.synthetic")
 
     def resolved(self, base_dir: str) -> "DataConfig":
         """The same config with every relative path made absolute against `base_dir`.
@@ -328,6 +380,21 @@ class ScheduleConfig:
             raise ConfigError(f"{where}.warmup_iters must be >= 0")
         if list(self.lr_steps) != sorted(self.lr_steps):
             raise ConfigError(f"{where}.lr_steps must be increasing, got {list(self.lr_steps)}")
+        # Every range a trial would otherwise trip over mid-run (a NaN loss, NumPy's seed check,
+        # an empty epoch), checked here so `libra run --dry-run` and `libra train --dry-run` see it.
+        check_range(f"{where}.lr", self.lr, 0.0, low_open=True, optional=True)
+        check_range(f"{where}.base_lr", self.base_lr, 0.0, low_open=True)
+        check_range(f"{where}.momentum", self.momentum, 0.0, 1.0, high_open=True)
+        check_range(f"{where}.weight_decay", self.weight_decay, 0.0)
+        check_range(f"{where}.warmup_ratio", self.warmup_ratio, 0.0, 1.0, low_open=True)
+        check_range(f"{where}.lr_gamma", self.lr_gamma, 0.0, low_open=True)
+        for i, step in enumerate(self.lr_steps):
+            check_range(f"{where}.lr_steps[{i}]", step, 0)
+        check_range(f"{where}.grad_clip", self.grad_clip, 0.0, low_open=True, optional=True)
+        check_range(f"{where}.seed", self.seed, 0, MAX_SEED)
+        check_device(f"{where}.device", self.device)
+        check_range(f"{where}.num_threads", self.num_threads, 1, optional=True)
+        check_range(f"{where}.max_iters_per_epoch", self.max_iters_per_epoch, 1, optional=True)
 
     @property
     def evaluation_batch_size(self) -> int:

@@ -6,12 +6,15 @@ but knows nothing of Ray, Optuna or MLflow: the harness listens through `callbac
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 import random
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -21,7 +24,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from detectors.build import build_detector
-from detectors.config import ConfigError, ScheduleConfig, TrainConfig
+from detectors.config import ConfigError, ScheduleConfig, TrainConfig, check_device
+from detectors.errors import CheckpointError
 from detectors.data.loader import build_datasets, collate_detection
 from detectors.evaluation import coco_box_eval, predictions_to_coco
 
@@ -58,15 +62,22 @@ class DistContext:
         return DistContext()
 
 
-def resolve_device(spec: str) -> torch.device:
-    """'auto' -> this process's CUDA device when there is one (LOCAL_RANK under DDP), else CPU."""
+def resolve_device(spec: str, where: str = "schedule.device") -> torch.device:
+    """'auto' -> this process's CUDA device when there is one (LOCAL_RANK under DDP), else CPU.
+
+    `where` names the setting in errors (`libra eval` passes "--device").
+    """
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
         return torch.device("cpu")
+    check_device(where, spec)
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"schedule.device is {spec!r} but no CUDA device is visible; use 'auto' or 'cpu'")
+        raise ConfigError(f"{where} is {spec!r} but no CUDA device is visible; use 'auto' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{where} is {spec!r} but only {torch.cuda.device_count()} CUDA device(s) "
+                          f"are visible (cuda:0 ... cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
@@ -312,17 +323,65 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(tmp, path)
 
 
+_CHECKPOINT_FIX = "give a checkpoint.pt written by libra train"
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """Checkpoints hold only tensors and plain containers, so they load with weights_only=True."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Checkpoints hold only tensors and plain containers, so they load with weights_only=True.
+
+    Raises CheckpointError (one line naming `path`) for a file that is missing, a folder,
+    truncated, corrupt, not a torch file, or holds objects beyond tensors and containers (a
+    pickle that could run code: refused, never loaded another way).
+    """
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder; {_CHECKPOINT_FIX} (the file inside it)")
+    try:
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol, then fails
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message here advises weights_only=False: that would run the file's code.
+        if "Unsupported global" in str(err):
+            raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and "
+                                  f"plain containers, which can run code, so it was not loaded; "
+                                  f"{_CHECKPOINT_FIX}") from None
+        raise CheckpointError(f"checkpoint {path} is truncated, corrupt or not written by "
+                              f"torch.save, so it was not loaded; {_CHECKPOINT_FIX}") from None
+    except OSError as err:  # missing, unreadable
+        raise CheckpointError(f"checkpoint {path}: cannot read it ({err.strerror or err})") from None
+    except Exception:  # noqa: BLE001 (RuntimeError, EOFError, ValueError ...: a broken file)
+        raise CheckpointError(f"checkpoint {path} is truncated, corrupt or not written by "
+                              f"torch.save, so it was not loaded; {_CHECKPOINT_FIX}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not the mapping "
+                              f"libra train writes; {_CHECKPOINT_FIX}")
+    return state
 
 
 def load_model_from_checkpoint(path: str, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
-    """The trained model (eval mode) and the config it was trained with."""
+    """The trained model (eval mode) and the config it was trained with.
+
+    Raises CheckpointError naming `path` for anything wrong with the file or its contents.
+    """
     state = load_checkpoint(path, device)
-    cfg = TrainConfig.from_dict(state["config"])
+    missing = [key for key in ("model", "config") if key not in state]
+    if missing or not isinstance(state["config"], dict) or not isinstance(state["model"], dict):
+        keys = ", ".join(sorted(map(str, state))[:5]) or "none"
+        raise CheckpointError(f"checkpoint {path} is not one libra train writes (it needs 'model' "
+                              f"and 'config' mappings; it has keys: {keys}); {_CHECKPOINT_FIX}")
+    try:
+        cfg = TrainConfig.from_dict(state["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {path}: its config is not valid: {err}") from None
+    # The trained weights replace any pretrained ones, which need not exist on this machine.
+    cfg = dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, pretrained=None))
     model = build_detector(cfg.detector).to(device)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, ValueError) as err:
+        first = str(err).strip().splitlines()[1:2] or [type(err).__name__]
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit the model its config "
+                              f"describes ({first[0].strip()[:160]})") from None
     return model.eval(), cfg
 
 

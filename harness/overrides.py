@@ -5,22 +5,13 @@ import copy
 import os
 from typing import Iterable, Mapping
 
-import yaml
-
 from harness.errors import UserError
+from harness.yaml_io import load_yaml_file
 
 
-def load_yaml(path: str) -> dict:
+def load_yaml(path: str, what: str = "config") -> dict:
     """Parse a YAML mapping from `path`; a missing file or bad YAML is a UserError naming it."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    data = load_yaml_file(path, what)  # limits, duplicate keys: harness/yaml_io.py
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -61,6 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from detectors.components import components
 from detectors.config import (
     IMAGENET_PRETRAINED,
+    MAX_SEED,
     ConfigError,
     TrainConfig,
     check_dotted_key,
@@ -69,6 +70,7 @@ from detectors.config import (
     unwrap_optional,
 )
 from harness.errors import UserError
+from harness.yaml_io import load_yaml_file
 
 # What the engine reports per epoch; a search's metric and a reference row's metrics are among these.
 EVAL_METRICS = (
@@ -310,6 +312,9 @@ class StudySpec(_Strict):
                 raise ValueError("empty; give at least one seed or drop the key")
             if len(set(value)) != len(value):
                 raise ValueError(f"repeats a seed: {value}")
+            for seed in value:
+                if not 0 <= seed <= MAX_SEED:
+                    raise ValueError(f"each seed must be in [0, {MAX_SEED}], got {seed}")
         return value
 
     @model_validator(mode="after")
@@ -518,16 +523,16 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Loading: YAML -> overrides -> structure -> base config -> grid/search/reference semantics.
 # --------------------------------------------------------------------------------------------
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` from --set; the value is read as YAML (`true`, `0.5`, `[1, 2]`, `null`)."""
+def parse_override(text: str, flag: str = "--set") -> tuple[str, Any]:
+    """`key=value` from --set (or `flag`); the value is read as YAML (`true`, `0.5`, `[1, 2]`, `null`)."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise UserError(f"--set expects KEY=VALUE (e.g. schedule.epochs=2), got {text!r}")
+        raise UserError(f"{flag} expects KEY=VALUE (e.g. schedule.epochs=2), got {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise UserError(f"--set {key}: value {raw!r} is not valid YAML ({_one_line(err)})") from None
+        raise UserError(f"{flag} {key}: value {raw!r} is not valid YAML ({_one_line(err)})") from None
     return key, value
 
 
@@ -567,21 +572,18 @@ def apply_override(mapping: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_study(path: str, overrides: Sequence[str] = ()) -> Study:
-    """Read, override and validate a study file; raises SpecError (one line) on any mistake."""
+def load_study(path: str, overrides: Sequence[str] = (), flag: str = "--set") -> Study:
+    """Read, override and validate a study file; raises SpecError (one line) on any mistake.
+
+    `flag` is the option the overrides came from (`libra bench` has --study-set), for messages.
+    """
     shown = path
-    if not os.path.isfile(path):
-        raise UserError(f"study file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            mapping = yaml.safe_load(fh)
-    except yaml.YAMLError as err:
-        raise SpecError(f"{shown}: not valid YAML: {_one_line(err)}") from None
+    mapping = load_yaml_file(path, "study file")  # limits, duplicate keys: harness/yaml_io.py
     if not isinstance(mapping, dict):
         raise SpecError(f"{shown}: a study file is a mapping (name:, detector:, grid: ...), "
                         f"got {type(mapping).__name__}")
     for item in overrides:
-        key, value = parse_override(item)
+        key, value = parse_override(item, flag)
         apply_override(mapping, key, value)
     return validate_study(mapping, os.path.abspath(path), shown)
 

@@ -43,6 +43,7 @@ class RunOptions:
     max_retries: Optional[int] = None  # None: the study's max_retries
     argv: Sequence[str] = ()
     stream: Optional[TextIO] = None  # None: sys.stdout at the time of the run
+    verbose: bool = False  # Ray's own log on the terminal (hidden by default)
 
 
 def default_work_dir(study: Study) -> str:
@@ -77,14 +78,15 @@ def plan_concurrency(study: Study, nodes: Sequence[dict[str, float]], where: str
     return min(slots, res.concurrency or slots)
 
 
-def _connect_ray(address: Optional[str]) -> tuple[bool, str]:
+def _connect_ray(address: Optional[str], verbose: bool = False) -> tuple[bool, str]:
     """Start or join Ray; returns (whether this call started it, a description)."""
     import ray
 
     if ray.is_initialized():
         return False, "the Ray instance this process already runs"
     address = address or os.environ.get("RAY_ADDRESS")
-    common = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    common = dict(include_dashboard=False, log_to_driver=verbose,
+                  logging_level=logging.INFO if verbose else logging.WARNING)
     if address:
         import detectors
         import harness
@@ -460,7 +462,7 @@ def run_study(study: Study, opts: RunOptions) -> int:
     storage_url = where_stored.optuna_storage
     ostudy = search.open_study(study, work_dir, storage_url)
     recovered = search.recover_interrupted(ostudy, requeue=study.kind == "search")
-    started, where = _connect_ray(opts.address)
+    started, where = _connect_ray(opts.address, opts.verbose)
     previous_term = signal.getsignal(signal.SIGTERM)
     try:
         concurrency = plan_concurrency(study, _alive_nodes(), where)
@@ -497,7 +499,7 @@ def _run_bench(study: Study, opts: RunOptions, work_dir: str, tracker: Tracker) 
     bench = study.spec.bench
     res = study.spec.resources
     max_retries = study.spec.max_retries if opts.max_retries is None else opts.max_retries
-    started, where = _connect_ray(opts.address)
+    started, where = _connect_ray(opts.address, opts.verbose)
     previous_term = signal.getsignal(signal.SIGTERM)
     try:
         import ray

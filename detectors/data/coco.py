@@ -257,6 +257,7 @@ class CocoDetection(Dataset):
                 np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                 np.asarray(labels, dtype=np.int64),
             )
+        self.num_boxes: int = num_boxes - num_dropped  # usable boxes over the kept images
         if num_dropped or num_clipped:
             warnings.warn(
                 f"dropped {num_dropped} and clipped {num_clipped} boxes of {num_boxes} in "

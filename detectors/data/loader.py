@@ -44,6 +44,23 @@ def _coco_paths(data_cfg: DataConfig, where: str) -> dict[str, str]:
     return paths
 
 
+def check_data_paths(data_cfg: DataConfig, where: str = "data") -> None:
+    """Raise DatasetError naming the key when a coco set's four paths are not there."""
+    if data_cfg.kind == "coco":
+        _coco_paths(data_cfg, where)
+
+
+def check_not_empty(dataset: CocoDetection, split: str) -> None:
+    """A split with no images, or no boxes to learn or score, fails late and obscurely; say so now."""
+    if len(dataset) == 0:
+        raise DatasetError(f"{dataset.annotations_file} lists no images; the {split} split needs "
+                           "at least one image record")
+    if not dataset.num_boxes:
+        raise DatasetError(f"{dataset.annotations_file} has no annotated boxes on its "
+                           f"{len(dataset)} image(s); the {split} split needs at least one "
+                           "(check that the annotations' image_id values match the images' id)")
+
+
 def build_datasets(data_cfg: DataConfig, where: str = "data") -> tuple[CocoDetection, CocoDetection]:
     """The (train, val) datasets a DataConfig describes.
 
@@ -69,6 +86,8 @@ def build_datasets(data_cfg: DataConfig, where: str = "data") -> tuple[CocoDetec
                           skip_images_without_boxes=data_cfg.skip_images_without_boxes)
     val = CocoDetection(paths["val_images"], paths["val_annotations"],
                         train=False, max_images=data_cfg.max_val_images)
+    check_not_empty(train, "training")
+    check_not_empty(val, "validation")
     if (train.label_to_cat_id, train.category_names) != (val.label_to_cat_id, val.category_names):
         # Labels are positions in the sorted category ids: differing lists would silently
         # evaluate class A's detections as class B.

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  libra bench --preset paper --device cuda --amp          # the paper's setting on a GPU\n"
         "  libra bench --what cocoeval --cocoeval-images 5000      # COCOeval backends only\n"
         "  libra bench --what harness --study-set schedule.epochs=2  # the harness's own cost, shorter study\n"
-        "  libra bench --preset paper --backbone resnet101 --batch 4 --iters 30\n"
+        "  libra bench --preset paper --backbone resnet101 --batch-size 4 --iters 30\n"
     )
     what = parser.add_argument_group("what to measure")
     what.add_argument("--preset", choices=PRESETS, default=None,
@@ -69,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--max-size", type=int, help="cap on the long side")
     model.add_argument("--image-size", metavar="HxW",
                        help="input image size, e.g. 800x1333 (default: the preset's; paper: min-size x max-size)")
-    model.add_argument("--batch", type=int, help="images per training step and per inference batch")
+    model.add_argument("--batch-size", dest="batch", type=int,
+                       help="images per training step and per inference batch")
+    model.add_argument("--batch", dest="batch", type=int, help=argparse.SUPPRESS)  # the old name
     run = parser.add_argument_group("how to run")
     run.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     run.add_argument("--amp", action="store_true", help="float16 autocast and GradScaler (CUDA only)")
@@ -185,6 +187,10 @@ def _parse_image_size(text: str) -> tuple[int, int]:
         raise UserError(f"--image-size {text!r}: expected HEIGHTxWIDTH, e.g. 800x1333") from None
     if h < 32 or w < 32:
         raise UserError(f"--image-size {text!r}: both sides must be at least 32 pixels")
+    from detectors.config import MAX_IMAGE_SIDE
+
+    if max(h, w) > MAX_IMAGE_SIDE:
+        raise UserError(f"--image-size {text!r}: each side must be at most {MAX_IMAGE_SIDE} pixels")
     return h, w
 
 
@@ -200,7 +206,7 @@ def _plan(args: argparse.Namespace) -> _Plan:
                                ("--cocoeval-repeats", args.cocoeval_repeats, 1)):
         if value < low:
             raise UserError(f"{option} must be at least {low}, got {value}")
-    for option, value in (("--batch", args.batch), ("--min-size", args.min_size),
+    for option, value in (("--batch-size", args.batch), ("--min-size", args.min_size),
                           ("--max-size", args.max_size), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise UserError(f"{option} must be at least 1, got {value}")
@@ -259,6 +265,9 @@ def _plan(args: argparse.Namespace) -> _Plan:
                             "pass --study STUDY.yaml")
         if not os.path.isfile(study):
             raise UserError(f"--study {study}: no such file")
+        from harness.spec import load_study
+
+        load_study(study, args.study_set, flag="--study-set")  # its mistakes now, not minutes in
     if args.name:
         name = args.name
     elif "model" in parts or "sampler" in parts:
@@ -351,7 +360,7 @@ def _command_line(args: argparse.Namespace, plan: _Plan) -> str:
     parts += ["--device", str(plan.device), "--what", ",".join(plan.parts)]
     for option, value in (("--backbone", args.backbone), ("--min-size", args.min_size),
                           ("--max-size", args.max_size), ("--image-size", args.image_size),
-                          ("--batch", args.batch), ("--threads", args.threads)):
+                          ("--batch-size", args.batch), ("--threads", args.threads)):
         if value is not None:
             parts += [option, str(value)]
     if args.amp:

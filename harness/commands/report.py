@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")  # files only; never a window
 
-    from harness import plots, report
+    from harness import plots, preflight, report
     from harness.spec import load_study
     from harness.stores import resolve_stores
 
@@ -79,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
                             tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage)
     work_dir = stores.work_dir if args.work_dir else None
     uri, experiment = stores.mlflow_uri, stores.experiment
+    if args.tracking_uri or (study and study.spec.tracking.uri):
+        source = preflight.value_source("--tracking-uri", args.tracking_uri, "tracking.uri",
+                                        args.study_file, args.overrides)
+        preflight.check_tracking_uri(uri, source, contact=False)
+    out = preflight.writable_dir("--out", args.out or os.path.join("results", name), create=False)
 
     runs = report.load_study_runs(uri, experiment)
     if not len(runs):
@@ -97,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
         recorded = _latest_tag(parents, "libra.work_dir")
         work_dir = recorded if recorded and os.path.isdir(recorded) else stores.work_dir
 
-    out = os.path.abspath(args.out or os.path.join("results", name))
     os.makedirs(out, exist_ok=True)
     kind = study.kind if study else (_latest_tag(parents, "libra.kind") or "grid")
     varied = study.varied_keys if study else _varied_from_runs(runs)

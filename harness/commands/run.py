@@ -10,6 +10,13 @@ Re-running the same command resumes: finished trials are kept, interrupted ones 
 their last checkpoint, and MLflow gets no duplicate runs. Exit code: 0 when every trial finished
 (or was pruned), 1 when some failed after their retries, 2 for a mistake in the study or flags.
 
+--dry-run validates everything a trial would reject (every key, type and range of every trial's
+config, the grid's points and the search's ranges) and the places the run would write, then
+lists the trials and runs nothing. It contacts one server: an http(s) MLflow tracking URI gets
+one read-only request to its /health page. It does not open the Optuna database (that would
+create its tables), only checks the URL's form and that its driver is installed, and it does
+not contact the Ray cluster (--address is checked when the run starts, within 5 s).
+
 examples:
   libra run studies/quickstart.yaml
   libra run studies/quickstart.yaml --dry-run
@@ -43,17 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra attempts for a trial that raises or whose loss goes NaN "
                              "(default: the study's max_retries)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the trials and their resources, run nothing")
+                        help="validate the study and the run's settings, print the trials and "
+                             "their resources, run nothing (see above for what it contacts)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own log (connection attempts, worker start-up)")
 
 
 def run(args: argparse.Namespace) -> int:
     from harness.errors import UserError
     from harness.spec import load_study
-    from harness.study import RunOptions, default_work_dir, describe, run_study
 
     if args.max_retries is not None and args.max_retries < 0:
         raise UserError(f"--max-retries must be >= 0, got {args.max_retries}")
     study = load_study(args.study, args.overrides)
+    _preflight(study, args)
+    from harness.study import RunOptions, default_work_dir, describe, run_study  # Ray, MLflow: slow
+
     opts = RunOptions(
         work_dir=args.work_dir or default_work_dir(study),
         address=args.address,
@@ -61,11 +73,48 @@ def run(args: argparse.Namespace) -> int:
         optuna_storage=args.optuna_storage,
         max_retries=args.max_retries,
         argv=_command_line(args),
+        verbose=args.verbose,
     )
     if args.dry_run:
         print(describe(study, opts))
         return 0
     return run_study(study, opts)
+
+
+def _preflight(study, args: argparse.Namespace) -> None:
+    """What a trial or the driver would trip over later, checked before anything starts."""
+    import os
+
+    from harness import preflight
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and not args.dry_run:
+        # First, before the heavy imports below: a wrong address fails in seconds.
+        preflight.check_ray_address(address, "--address" if args.address else "RAY_ADDRESS")
+
+    from harness.study import default_work_dir
+
+    if not address:
+        # Trials run on this machine, so their data must be here (on a cluster: on the nodes).
+        from detectors.data.loader import check_data_paths
+
+        plans = (study.trials() if study.kind == "grid" else
+                 [study.bench_trial() if study.kind == "bench" else study.make_trial({}, study.seeds[0])])
+        for data in {plan.config.data for plan in plans}:
+            check_data_paths(data)
+    preflight.writable_dir("--work-dir" if args.work_dir else "the work dir",
+                           args.work_dir or default_work_dir(study), create=not args.dry_run)
+    spec = study.spec.tracking
+    uri = args.tracking_uri or spec.uri
+    if uri:
+        source = preflight.value_source("--tracking-uri", args.tracking_uri, "tracking.uri",
+                                        args.study, args.overrides)
+        preflight.check_tracking_uri(uri, source)
+    storage = args.optuna_storage or spec.optuna_storage
+    if storage:
+        source = preflight.value_source("--optuna-storage", args.optuna_storage,
+                                        "tracking.optuna_storage", args.study, args.overrides)
+        preflight.check_optuna_storage(storage, source)
 
 
 def _command_line(args: argparse.Namespace) -> list[str]:

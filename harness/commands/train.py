@@ -1,6 +1,16 @@
 """Train and evaluate one configuration (the same nested mapping as a study's base config:
 detector, data, schedule). Writes metrics.json (final and per-epoch) and checkpoint.pt into
---out, and prints COCO mAP computed by pycocotools. No Ray, Optuna or MLflow involved."""
+--out, and prints COCO mAP computed by pycocotools. No Ray, Optuna or MLflow involved.
+
+--dry-run checks the configuration (every key, type and range a run would reject), the data
+paths and the --out folder, prints what would run, and trains nothing.
+
+examples:
+  libra train configs/cpu_small.yaml --dry-run
+  libra train configs/cpu_small.yaml --out runs/cpu_small
+  libra train configs/cpu_small.yaml --set schedule.epochs=2 --set schedule.lr=0.01 --out runs/short
+  libra train configs/cpu_small.yaml --out runs/cpu_small --resume     # after an interruption
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,17 +19,20 @@ import os
 import time
 
 from harness.errors import UserError
+from harness.preflight import writable_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG.yaml", help="run configuration (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set schedule.epochs=4 (repeatable)")
-    parser.add_argument("--out", help="output folder (default: runs/<config name>)")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default: runs/<config name>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint")
     parser.add_argument("--eval-backend", choices=["pycocotools", "faster"], default="pycocotools",
                         help="COCOeval implementation (faster needs faster-coco-eval installed)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, its data paths and --out; train nothing")
     progress = parser.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="always show the progress bar (default: only on a terminal)")
@@ -39,15 +52,46 @@ def epoch_line(metrics: dict, num_epochs: int) -> str:
     return "  ".join(parts)
 
 
+def describe(cfg, stem: str, out: str) -> str:
+    """The --dry-run text: what the run would train, on what data, for how long, where to."""
+    from detectors.data.loader import check_data_paths
+    from detectors.engine import resolve_device
+
+    resolve_device(cfg.schedule.device)  # asking for a GPU this machine lacks
+    data = cfg.data
+    if data.kind == "coco":
+        check_data_paths(data)  # the same check (and message) the run would make first
+        source = f"COCO-format set {data.train_images} (val {data.val_images})"
+    else:
+        syn = data.synthetic
+        source = (f"synthetic set, {syn.num_train} train + {syn.num_val} val images of "
+                  f"{syn.image_size} px, seed {syn.seed} (generated on first use)")
+    sched = cfg.schedule
+    flags = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in cfg.detector.component_flags.items())
+    return "\n".join([
+        f"config {stem}: valid",
+        f"  model     {cfg.detector.arch} {cfg.detector.backbone}, {cfg.detector.num_classes} classes; {flags}",
+        f"  data      {source}",
+        f"  schedule  {sched.epochs} epochs, batch {sched.batch_size}, lr {sched.learning_rate():g}, "
+        f"seed {sched.seed}, device {sched.device}"
+        + (f", at most {sched.max_iters_per_epoch} iterations per epoch" if sched.max_iters_per_epoch else ""),
+        f"  output    {out}",
+        "dry run: nothing trained",
+    ])
+
+
 def run(args: argparse.Namespace) -> int:
     from detectors.engine import CHECKPOINT_NAME, fit
     from harness.overrides import load_train_config
 
     cfg = load_train_config(args.config, args.overrides)
     stem = os.path.splitext(os.path.basename(args.config))[0]
-    out = os.path.abspath(args.out or os.path.join("runs", stem))
+    out = writable_dir("--out", args.out or os.path.join("runs", stem), create=not args.dry_run)
     if os.path.isfile(os.path.join(out, CHECKPOINT_NAME)) and not args.resume:
         raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if args.dry_run:
+        print(describe(cfg, stem, out))
+        return 0
 
     print(f"training {stem}: {cfg.detector.arch} {cfg.detector.backbone}, components "
           + ", ".join(f"{k}={'on' if v else 'off'}" for k, v in cfg.detector.component_flags.items())

@@ -1,0 +1,165 @@
+"""Checks of what a user names on the command line (paths, a Ray address, tracking and Optuna
+URIs), made before any work starts.
+
+A long run that fails at its end because `--out` cannot be written wastes the run, and a Ray
+address with nothing behind it makes `ray.init` retry for a minute; these checks fail first, in
+a UserError naming the flag (or study key) and the value.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Optional
+
+from harness.errors import UserError
+
+
+def _reason(err: OSError) -> str:
+    return (err.strerror or str(err)).lower()
+
+
+def writable_dir(flag: str, path: str, *, create: bool = True) -> str:
+    """`path` as an absolute folder this process can write into (made when `create`).
+
+    Raises UserError "FLAG PATH: ..." when it is a file, lies under a file, or the system
+    refuses to create or write it (read-only or virtual filesystems, permissions).
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder; choose a folder")
+    if not os.path.isdir(path):
+        if not create:
+            probe = _existing_parent(path)
+            if not os.path.isdir(probe):
+                raise UserError(f"{flag} {path}: {probe} is a file, so no folder can be made there")
+            path_to_test = probe
+        else:
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"{flag} {path}: cannot create the folder ({_reason(err)}); "
+                                "choose a writable place") from None
+            path_to_test = path
+    else:
+        path_to_test = path
+    try:
+        # Creating a file is the only test that holds on every filesystem (os.access does not
+        # see read-only mounts, /proc or /sys refuse files in writable-looking folders).
+        with tempfile.NamedTemporaryFile(dir=path_to_test, prefix=".libra-write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write there ({_reason(err)}); choose a writable "
+                        "folder") from None
+    return path
+
+
+def writable_file(flag: str, path: str) -> str:
+    """`path` as an absolute file path whose folder exists (or can be made) and is writable."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name, e.g. {path}/metrics.json")
+    writable_dir(flag, os.path.dirname(path))
+    return path
+
+
+def _existing_parent(path: str) -> str:
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# Servers.
+# ------------------------------------------------------------------------------------------
+CONNECT_TIMEOUT_S = 5.0  # a cluster head on the same network answers in milliseconds
+
+
+def check_ray_address(address: str, flag: str = "--address") -> None:
+    """Fail in one line, within CONNECT_TIMEOUT_S, when nothing listens at a Ray address.
+
+    `auto` and `local` are Ray's to resolve (it fails fast when no cluster runs); HOST:PORT and
+    ray://HOST:PORT are probed with one TCP connection, so a wrong address does not leave
+    `ray.init` retrying for a minute with its log on the screen.
+    """
+    if address in ("auto", "local"):
+        return
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    if "://" in target:
+        raise UserError(f"{flag} {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    host, sep, port_text = target.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UserError(f"{flag} {address}: expected auto, HOST:PORT or ray://HOST:PORT "
+                        "(e.g. 10.0.0.5:6379, ray://head:10001)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port_text)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as err:
+        why = "timed out" if isinstance(err, socket.timeout) else _reason(err)
+        raise UserError(f"{flag} {address}: nothing answers there ({why}); start the cluster "
+                        "(ray start --head) or drop the flag to run on a local cluster") from None
+
+
+MLFLOW_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql",
+                  "databricks", "databricks-uc")
+
+
+def check_tracking_uri(uri: str, source: str, *, contact: bool = True) -> None:
+    """A UserError naming `source` (e.g. "--tracking-uri", "tracking.uri of FILE") unless `uri`
+    is one MLflow can open; with `contact`, an http(s) server must answer its /health page.
+    """
+    scheme = urllib.parse.urlparse(uri).scheme.split("+")[0].lower()
+    if scheme and scheme not in MLFLOW_SCHEMES and not (len(scheme) == 1 and os.name == "nt"):
+        raise UserError(f"{source} {uri}: unknown scheme {scheme!r}; MLflow takes "
+                        f"{', '.join(s + '://' for s in MLFLOW_SCHEMES[:5])} or a folder path")
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if path and path != ":memory:":
+            writable_dir(source, os.path.dirname(path) or ".", create=False)
+    if contact and scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S) as reply:
+                reply.read()
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise UserError(f"{source} {uri}: the MLflow server does not answer ({reason}); start "
+                            f"it or change {source}") from None
+
+
+def check_optuna_storage(url: str, source: str) -> None:
+    """A UserError naming `source` unless `url` is a database URL whose driver is installed.
+
+    Only the form: opening the database would create Optuna's tables.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect = make_url(url).get_dialect()
+    except NoSuchModuleError:  # (a subclass of ArgumentError)
+        raise UserError(f"{source} {url}: no database driver for this scheme; use postgresql://, "
+                        "mysql:// or sqlite:///") from None
+    except ArgumentError:
+        raise UserError(f"{source} {url}: not a database URL; expected e.g. "
+                        "postgresql://user@host/db or sqlite:////abs/optuna.db") from None
+    try:
+        dialect.import_dbapi() if hasattr(dialect, "import_dbapi") else dialect.dbapi()
+    except ImportError as err:
+        raise UserError(f"{source} {url}: its driver is not installed ({err.name or err}); "
+                        "pip install it (e.g. psycopg2-binary for postgresql)") from None
+
+
+def value_source(flag: str, flag_value: Optional[str], key: str, study_path: str,
+                 overrides: list[str]) -> str:
+    """Where a setting came from, for messages: the flag, a --set of the key, or the file."""
+    if flag_value is not None:
+        return flag
+    if any(o.partition("=")[0].strip() == key for o in overrides):
+        return f"--set {key}"
+    return f"{key} of {study_path}"
