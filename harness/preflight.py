@@ -128,8 +128,8 @@ def check_tracking_uri(uri: str, source: str, *, contact: bool = True) -> None:
                 reply.read()
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
-            raise UserError(f"{source} {uri}: the MLflow server does not answer ({reason}); start "
-                            f"it or change {source}") from None
+            raise UserError(f"cannot reach MLflow tracking server at {uri} (given by {source}): "
+                            f"{reason}; start it or drop {source}") from None
 
 
 def check_optuna_storage(url: str, source: str) -> None:

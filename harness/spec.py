@@ -36,6 +36,8 @@ A study file is YAML::
     max_retries: 1                        # extra attempts for a trial that raises or goes NaN
     reference:                            # optional: published numbers, for reports
       - {label: baseline, match: {detector.balanced_l1_loss.enabled: false}, metrics: {bbox_mAP: 0.359}}
+    analysis: {target_effect: 0.3}        # optional: the effect size (AP points) the seeds planner
+                                          #   sizes the study for (harness/planner.py)
 
 Every mistake is a `SpecError` (a UserError) whose message is one line naming the file and the
 dotted key. Each trial gets a stable `trial_key`: a hash of its full config and resources, the
@@ -281,6 +283,12 @@ class ReferenceRow(_Strict):
         return value
 
 
+class Analysis(_Strict):
+    """How the report judges the study's effects (harness/effects.py, harness/planner.py)."""
+
+    target_effect: Optional[float] = Field(default=None, gt=0)  # AP points the planner must resolve
+
+
 class StudySpec(_Strict):
     name: str
     description: str = ""
@@ -295,6 +303,7 @@ class StudySpec(_Strict):
     tracking: Tracking = Tracking()
     max_retries: int = Field(default=1, ge=0)
     reference: list[ReferenceRow] = []
+    analysis: Analysis = Analysis()
 
     @field_validator("name", mode="before")
     @classmethod

@@ -125,24 +125,14 @@ def _parse_parts(text: str) -> list[str]:
 
 
 def _resolve_device(spec: str):
-    """detectors.engine.resolve_device (the rule training uses), with the flag's messages."""
-    import torch
-
+    """detectors.engine.resolve_device (the rule training uses), its errors naming the flag."""
     from detectors.config import ConfigError
     from detectors.engine import resolve_device
 
     try:
-        device = resolve_device(spec)
-    except RuntimeError:
-        raise UserError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
-    except ConfigError:
-        raise UserError(f"--device {spec}: no CUDA device is visible on this machine; use --device cpu") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return device
+        return resolve_device(spec, where="--device")
+    except ConfigError as err:
+        raise UserError(str(err)) from None
 
 
 def _find_repo_file(relative: str) -> Optional[str]:

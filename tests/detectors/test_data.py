@@ -211,7 +211,7 @@ def test_build_datasets_names_the_missing_key(tmp_path):
 
 def test_build_datasets_coco_and_max_val_images(tmp_path):
     images_dir, ann_file = write_set(tmp_path, [(5, 20, 10), (2, 20, 10), (9, 20, 10)],
-                                     [ann(1, 9, 3, [1, 1, 4, 4])])
+                                     [ann(1, 9, 3, [1, 1, 4, 4]), ann(2, 2, 3, [1, 1, 4, 4])])  # a box in the kept val images
     cfg = DataConfig(kind="coco", train_images=images_dir, train_annotations=ann_file,
                      val_images=images_dir, val_annotations=ann_file, max_val_images=2,
                      horizontal_flip=0.25)

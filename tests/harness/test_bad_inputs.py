@@ -260,7 +260,7 @@ CASES = [
     ("run/tracking-unknown-scheme", f"run {S} --dry-run --tracking-uri bogus://x", ["--tracking-uri", "unknown scheme"]),
     ("run/tracking-scheme-from-set", f"run {S} --dry-run --set tracking.uri=bogus://x", ["--set tracking.uri", "unknown scheme"]),
     ("run/tracking-sqlite-virtual-fs", f"run {S} --dry-run --tracking-uri sqlite:////proc/x/mlflow.db", ["--tracking-uri"]),
-    ("run/tracking-server-down", f"run {S} --dry-run --tracking-uri http://127.0.0.1:{{port}}", ["--tracking-uri", "does not answer"]),
+    ("run/tracking-server-down", f"run {S} --dry-run --tracking-uri http://127.0.0.1:{{port}}", ["cannot reach MLflow tracking server", "given by --tracking-uri"]),
     ("run/optuna-not-a-url", f"run {S} --dry-run --optuna-storage not-a-url", ["--optuna-storage", "not a database URL"]),
     ("run/optuna-no-driver", f"run {S} --dry-run --optuna-storage nosuchdb://u@h/db", ["--optuna-storage", "driver"]),
     ("run/optuna-from-set", f"run {S} --dry-run --set tracking.optuna_storage=not-a-url", ["--set tracking.optuna_storage"]),

@@ -1,0 +1,145 @@
+"""The seeds planner: how small an effect the runs can detect now, and how many seeds per
+configuration would resolve a target effect size.
+
+Power is that of each effect's own two-sided t test at level alpha (the test `harness.effects`
+reports as p, before Holm's adjustment): with the effect's standard error se and the residual
+df, a true effect delta is detected with probability
+
+    power(delta) = P(|T| > t_{1 - alpha/2, df}),   T ~ noncentral t(df, delta / se).
+
+The smallest detectable effect is the delta with power(delta) = 0.8. For r seeds per
+configuration the planner builds the complete grid x r seeds design (the same model as the
+report: seed block, main effects, two-way interactions) and takes se(r) = sigma * u(r), u the
+design's standard error per unit residual SD, df(r) from its rank; sigma is the residual SD of
+the runs at hand (a plan is only as good as that estimate: with few residual df it is rough).
+On a complete balanced grid every effect is a fixed contrast of cell means, so
+u(r) = u(2) * sqrt(2 / r), and the rank grows by one per added seed (its block level):
+df(r) = configurations * r - (rank(2) - 2) - r. `design_at` builds only r = 2 and scales;
+the tests check the scaling against designs built at other r.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from harness.effects import EffectsDesign, build_design
+
+POWER = 0.8
+ALPHA = 0.05
+MAX_SEEDS = 64
+
+
+def power(delta: float, se: float, df: float, alpha: float = ALPHA) -> float:
+    """Probability that a two-sided t test at `alpha` (df residual degrees of freedom) rejects
+    zero when the true effect is `delta` and its standard error `se` (same units)."""
+    from scipy import stats
+
+    if not (se > 0 and df > 0):
+        return math.nan
+    q = float(stats.t.ppf(1.0 - alpha / 2.0, df))
+    nc = abs(delta) / se
+    return float(stats.nct.sf(q, df, nc) + stats.nct.cdf(-q, df, nc))
+
+
+def detectable_effect(se: float, df: float, target_power: float = POWER,
+                      alpha: float = ALPHA) -> float:
+    """The smallest true effect (same units as se) detected with probability `target_power`."""
+    from scipy.optimize import brentq
+
+    if not (se > 0 and df > 0) or not math.isfinite(se):
+        return math.nan
+    high = se
+    while power(high, se, df, alpha) < target_power:
+        high *= 2.0
+    return float(brentq(lambda d: power(d, se, df, alpha) - target_power, 0.0, high, xtol=1e-10))
+
+
+def complete_design(design: EffectsDesign, num_seeds: int,
+                    labels: Optional[Mapping[str, str]] = None) -> EffectsDesign:
+    """The same factors and levels as `design`, every configuration run with seeds
+    0..num_seeds-1: what a study with `num_seeds` seeds would fit."""
+    used = [k for k in design.factors if k in design.levels and len(design.levels[k]) > 1]
+    values, seeds = [], []
+    for combo in itertools.product(*[design.levels[k] for k in used]):
+        for seed in range(num_seeds):
+            values.append(dict(zip(used, combo)))
+            seeds.append(seed)
+    kind = "delta" if any(c.kind == "delta" for c in design.contrasts) else "factorial"
+    with_inter = any(c.kind == "interaction" for c in design.contrasts)
+    return build_design(values, seeds, used, design.levels, labels=labels,
+                        interactions=with_inter, kind=kind)
+
+
+def design_at(design: EffectsDesign, num_seeds: int) -> tuple[np.ndarray, int]:
+    """(u [contrasts], df_resid) of the complete design with `num_seeds` seeds per
+    configuration (>= 2), by the scaling in the module docstring."""
+    full = complete_design(design, 2)
+    configurations = len(full.frame) // 2
+    fixed = (len(full.frame) - full.df_resid) - 2  # rank without the seed block's levels
+    df = configurations * num_seeds - fixed - num_seeds
+    return full.unit_se() * math.sqrt(2.0 / num_seeds), int(df)
+
+
+def seeds_needed(design: EffectsDesign, sigma: float, target_effect: float,
+                 target_power: float = POWER, alpha: float = ALPHA,
+                 max_seeds: int = MAX_SEEDS) -> list[Optional[int]]:
+    """Per contrast of `design`: the fewest seeds per configuration (>= 2, <= max_seeds) at which
+    a true effect of `target_effect` is detected with `target_power`; None beyond max_seeds or
+    when sigma is unknown."""
+    out: list[Optional[int]] = [None] * len(design.contrasts)
+    if not (sigma > 0 and math.isfinite(sigma)) or not target_effect:
+        return out
+    todo = set(range(len(design.contrasts)))
+    for r in range(2, max_seeds + 1):
+        unit, df = design_at(design, r)
+        for i in sorted(todo):
+            if df > 0 and power(target_effect, sigma * unit[i], df, alpha) >= target_power:
+                out[i] = r
+                todo.discard(i)
+        if not todo:
+            break
+    return out
+
+
+def seeds_for_half_width(design: EffectsDesign, sigma: float, half_width: float,
+                         kinds: Sequence[str] = ("main",), confidence: float = 0.95,
+                         max_seeds: int = MAX_SEEDS) -> Optional[int]:
+    """The fewest seeds per configuration at which every effect of `kinds` has an expected 95%
+    half-width t * sigma * u(r) <= half_width; None beyond max_seeds."""
+    from scipy import stats
+
+    if not (sigma > 0 and math.isfinite(sigma)):
+        return None
+    rows = [i for i, c in enumerate(design.contrasts) if c.kind in kinds]
+    for r in range(2, max_seeds + 1):
+        unit, df = design_at(design, r)
+        if df <= 0:
+            continue
+        q = float(stats.t.ppf((1.0 + confidence) / 2.0, df))
+        if all(q * sigma * unit[i] <= half_width for i in rows):
+            return r
+    return None
+
+
+def plan(effects, target_effect: Optional[float] = None, target_power: float = POWER,
+         alpha: float = ALPHA):
+    """`harness.effects.effects_table`'s frame with the planner's columns added:
+    `detectable` (the smallest effect detectable now at `target_power`, same units) and, with
+    a target, `seeds_needed` (seeds per configuration to detect `target_effect`; blank beyond
+    MAX_SEEDS). Returns a new frame; attrs carry target_effect and target_power."""
+    table = effects.copy()
+    table.attrs.update(effects.attrs)
+    design: Optional[EffectsDesign] = effects.attrs.get("design")
+    df = effects.attrs.get("df_resid", 0)
+    table["detectable"] = [detectable_effect(se, df, target_power, alpha)
+                           if isinstance(se, float) and math.isfinite(se) else math.nan
+                           for se in effects["se"]] if len(effects) else []
+    if target_effect is not None and design is not None and len(effects):
+        needed = seeds_needed(design, effects.attrs.get("sigma", math.nan), target_effect,
+                              target_power, alpha)
+        table["seeds_needed"] = np.array([math.nan if n is None else n for n in needed], dtype=float)
+    table.attrs.update({"target_effect": target_effect, "target_power": target_power})
+    return table
