@@ -1,0 +1,196 @@
+"""The factorial effects and the seeds planner do what the report claims, checked by simulation.
+
+Simulated studies: a 2x2x2 grid (the Table 2 design) x S seeds with known main effects, one known
+two-way interaction, a per-seed offset (the block) and Gaussian noise. The same `EffectsDesign`
+the report builds fits 1,000 simulated outcome vectors at once, so what is checked is the shipped
+code. Every random draw comes from a fixed NumPy seed: the figures are the same on every run.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness import effects, planner
+
+A, B, C = "detector.a.enabled", "detector.b.enabled", "detector.c.enabled"
+TRUE_MAIN = {A: 1.0, B: 0.0, C: -0.5}  # AP points: level true minus level false
+TRUE_AB = 0.8  # A's effect is 0.8 larger when B is on (a difference of differences)
+SIGMA = 1.0
+SIMS = 1000
+
+
+def grid_runs(num_seeds: int):
+    """(settings per run, seed per run): every configuration of the 2^3 grid with each seed."""
+    values, seeds = [], []
+    for combo in itertools.product([False, True], repeat=3):
+        for seed in range(num_seeds):
+            values.append(dict(zip((A, B, C), combo)))
+            seeds.append(seed)
+    return values, seeds
+
+
+def simulate(values, seeds, rng, sims=SIMS, main=TRUE_MAIN, ab=TRUE_AB, sigma=SIGMA):
+    """[runs, sims] outcomes: mu + main effects + the A x B interaction + seed block + noise."""
+    mean = np.array([30.0 + sum(main[k] for k in main if v[k]) + (ab if v[A] and v[B] else 0.0)
+                     for v in values])
+    block = rng.normal(0.0, 2.0, size=(max(seeds) + 1, sims))[np.asarray(seeds)]  # a seed's luck
+    return mean[:, None] + block + rng.normal(0.0, sigma, size=(len(values), sims))
+
+
+def true_value(contrast) -> float:
+    # Main effects average over the other factors: A's and B's each include half the A x B
+    # interaction (B's effect is 0.8 larger when A is on, too).
+    if contrast.kind == "main":
+        return TRUE_MAIN[contrast.key] + (TRUE_AB / 2 if contrast.key in (A, B) else 0.0)
+    return TRUE_AB if contrast.key == f"{A} x {B}" else 0.0
+
+
+def test_estimates_are_unbiased_and_intervals_cover_at_95_percent():
+    values, seeds = grid_runs(2)
+    design = effects.build_design(values, seeds, [A, B, C])
+    assert design.blocked and design.df_resid == 16 - 1 - 1 - 3 - 3  # mu, seed, mains, 2-ways
+    fit = design.estimate(simulate(values, seeds, np.random.default_rng(0)))
+    for i, contrast in enumerate(design.contrasts):
+        truth = true_value(contrast)
+        est = fit["estimate"][i]
+        # Unbiased: the mean of 1,000 estimates within 4 of its standard errors of the truth.
+        assert abs(est.mean() - truth) < 4 * est.std() / math.sqrt(SIMS), contrast.term
+        covered = ((fit["ci_low"][i] <= truth) & (truth <= fit["ci_high"][i])).mean()
+        assert 0.93 <= covered <= 0.97, (contrast.term, covered)
+
+
+def test_one_fit_matches_statsmodels_ols_and_the_cell_means():
+    import statsmodels.formula.api as smf
+
+    values, seeds = grid_runs(3)
+    y = simulate(values, seeds, np.random.default_rng(1), sims=1)[:, 0]
+    table = effects._rows(effects.build_design(values, seeds, [A, B, C]), y, 0.95)
+    frame = pd.DataFrame({"a": [v[A] for v in values], "b": [v[B] for v in values],
+                          "c": [v[C] for v in values], "seed": seeds, "y": y}).astype(
+        {"a": int, "b": int, "c": int})
+    # The same model in statsmodels with +/-1 coding: a main effect is twice its coefficient.
+    for col in "abc":
+        frame[col] = 2 * frame[col] - 1
+    frame["seed"] = frame["seed"].astype(str)  # a string column is a categorical block in patsy
+    ols = smf.ols("y ~ seed + a + b + c + a:b + a:c + b:c", frame).fit()
+    main = table[table["kind"] == "main"].set_index("key")
+    for key, col in ((A, "a"), (B, "b"), (C, "c")):
+        assert main.at[key, "estimate"] == pytest.approx(2 * ols.params[col], abs=1e-10)
+        assert main.at[key, "se"] == pytest.approx(2 * ols.bse[col], abs=1e-10)
+        assert main.at[key, "p"] == pytest.approx(ols.pvalues[col], abs=1e-10)
+        # On a complete balanced grid it is the difference of the two levels' plain means.
+        on = np.mean([yi for v, yi in zip(values, y) if v[key]])
+        off = np.mean([yi for v, yi in zip(values, y) if not v[key]])
+        assert main.at[key, "estimate"] == pytest.approx(on - off, abs=1e-10)
+    inter = table[table["kind"] == "interaction"].set_index("key")
+    assert inter.at[f"{A} x {B}", "estimate"] == pytest.approx(4 * ols.params["a:b"], abs=1e-10)
+    assert int(table["df"].iloc[0]) == int(ols.df_resid)
+
+
+def test_holm_keeps_the_family_wise_error_at_5_percent_when_nothing_is_real():
+    values, seeds = grid_runs(2)
+    design = effects.build_design(values, seeds, [A, B, C])
+    sims = 4000
+    null = simulate(values, seeds, np.random.default_rng(2), sims=sims,
+                    main={A: 0.0, B: 0.0, C: 0.0}, ab=0.0)
+    fit = design.estimate(null)
+    any_raw = (fit["p"] < 0.05).any(axis=0).mean()
+    any_holm = (fit["p_holm"] < 0.05).any(axis=0).mean()
+    assert any_raw > 0.15  # six tests unadjusted: about 1 - 0.95^6 = 26% of studies
+    # Holm's bound is 5%; for six nearly independent tests its exact FWER is about
+    # 1 - (1 - 0.05 / 6)^6 = 4.9%. 4,000 simulated studies estimate it to a binomial SD of 0.34
+    # points, so the check allows two SDs above the bound (an unadjusted family fails it by 20).
+    assert any_holm <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / sims), any_holm
+
+
+def test_holm_matches_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.random.default_rng(3).uniform(0, 0.2, size=(7, 20))
+    p[2, 5] = np.nan
+    ours = effects.holm(p)
+    for j in range(p.shape[1]):
+        finite = np.isfinite(p[:, j])
+        expected = multipletests(p[finite, j], method="holm")[1]
+        np.testing.assert_allclose(ours[finite, j], expected, rtol=0, atol=1e-12)
+    assert np.isnan(ours[2, 5])
+
+
+def test_the_planners_seed_count_reaches_its_power_in_simulation():
+    values, seeds = grid_runs(2)
+    design = effects.build_design(values, seeds, [A, B, C])
+    target = 1.0
+    needed = planner.seeds_needed(design, SIGMA, target)
+    main_c = next(i for i, c in enumerate(design.contrasts) if c.key == C)
+    r = needed[main_c]
+    assert r is not None and r >= 2
+    # At r seeds a true effect of `target` is found at least 80% of the time; at r - 1 (when the
+    # planner did not stop at its floor of 2) less often than 80% (the count is the smallest).
+    def detected(num_seeds):
+        v, s = grid_runs(num_seeds)
+        d = effects.build_design(v, s, [A, B, C])
+        y = simulate(v, s, np.random.default_rng(4), main={A: 0.0, B: 0.0, C: target}, ab=0.0)
+        fit = d.estimate(y)
+        i = next(k for k, c in enumerate(d.contrasts) if c.key == C)
+        return (fit["p"][i] < planner.ALPHA).mean()
+
+    assert detected(r) >= 0.8 - 0.025  # 1,000 simulated studies: binomial SD 0.013
+    if r > 2:
+        assert detected(r - 1) < 0.8 + 0.025
+    # The power formula itself agrees with that simulation.
+    unit, df = planner.design_at(design, r)
+    assert planner.power(target, SIGMA * unit[main_c], df) == pytest.approx(detected(r), abs=0.04)
+
+
+def test_design_at_scaling_equals_the_design_built_at_that_many_seeds():
+    values, seeds = grid_runs(2)
+    design = effects.build_design(values, seeds, [A, B, C])
+    for r in (3, 5):
+        unit, df = planner.design_at(design, r)
+        built = planner.complete_design(design, r)
+        np.testing.assert_allclose(unit, built.unit_se(), rtol=1e-10)
+        assert df == built.df_resid
+
+
+def test_an_incomplete_grid_and_a_single_run_per_cell_say_what_they_cannot_estimate():
+    values, seeds = grid_runs(1)
+    # One run per configuration: 8 runs, 7 parameters (mean, 3 mains, 3 two-ways): one df left,
+    # the three-way interaction's. With two factors (4 runs, 4 parameters) none would be left,
+    # so the interaction is pooled into the residual and the note says so.
+    table = effects._rows(effects.build_design(values, seeds, [A, B, C]),
+                          np.arange(8, dtype=float) ** 2, 0.95)
+    assert table.attrs["df_resid"] == 1 and not table.attrs["blocked"]
+    two = [{A: v[A], B: v[B]} for v in values if not v[C]]
+    table = effects._rows(effects.build_design(two, [0] * 4, [A, B]), np.array([0., 1., 3., 7.]), 0.95)
+    assert effects.INTERACTIONS_POOLED in table.attrs["notes"]
+    assert set(table["kind"]) == {"main"} and table.attrs["df_resid"] == 1
+    # Drop every run with A on and B on: the A x B interaction is no longer estimable.
+    values, seeds = grid_runs(2)
+    kept = [i for i, v in enumerate(values) if not (v[A] and v[B])]
+    design = effects.build_design([values[i] for i in kept], [seeds[i] for i in kept], [A, B, C])
+    y = np.random.default_rng(5).normal(size=len(kept))
+    table = effects._rows(design, y, 0.95).set_index("term")
+    assert table.at[f"{A} x {B}", "note"] == effects.NOT_ESTIMABLE
+    assert math.isnan(table.at[f"{A} x {B}", "estimate"])
+
+
+def test_delta_table_pairs_by_seed():
+    # Two configurations, three seeds; the seed offsets are large and shared, the true delta
+    # is exactly 1.5 with tiny noise, so pairing by seed recovers it with a small interval.
+    rng = np.random.default_rng(6)
+    offsets = np.array([0.0, 10.0, -7.0])
+    ids, seeds, y = [], [], []
+    for config, shift in (("base", 0.0), ("x", 1.5)):
+        for s in range(3):
+            ids.append(config)
+            seeds.append(s)
+            y.append(20.0 + offsets[s] + shift + rng.normal(0, 0.01))
+    table = effects.delta_table(ids, seeds, y, "base")
+    row = table.iloc[0]
+    assert row["level"] == "x" and row["estimate"] == pytest.approx(1.5, abs=0.05)
+    assert row["ci_high"] - row["ci_low"] < 0.2  # unpaired, the seeds' spread (SD 8.5) would swamp it
+    assert bool(row["separated"])
