@@ -371,6 +371,51 @@ def study_table(runs, study, top: int = 10):
     return best_trials(runs, study.varied_keys, study.metric, study.direction, top)
 
 
+def study_effects(runs, study, confidence: float = 0.95):
+    """A grid study's factorial effects (harness.effects.effects_table: main effects and two-way
+    interactions, seed as a block, pooled residual variance, Holm) with the seeds planner's
+    columns (harness.planner.plan, for the study's analysis.target_effect); None for a search
+    or a bench. Factors are the grid's keys, levels in the file's order (the first is the
+    baseline), labels the table's short names."""
+    from harness import effects, planner
+    from harness.spec import CASES
+
+    if study.kind != "grid":
+        return None
+    keys = [k for k in study.varied_keys if k != "schedule.seed"]
+    levels = {k: list(v) for k, v in study.spec.grid.items() if k != CASES and k in keys}
+    titles, switches = component_titles(), flag_keys()
+    short = short_names([k for k in keys if k not in switches])
+    labels = {k: titles[switches[k]] if k in switches else short.get(k, k) for k in keys}
+    table = effects.effects_table(runs, keys, levels, labels=labels, confidence=confidence,
+                                  reference=study.spec.reference)
+    return planner.plan(table, study.spec.analysis.target_effect)
+
+
+def effects_markdown(table) -> str:
+    """effects.csv's rows as a markdown table, with the design's notes under it."""
+    if table is None or not len(table):
+        notes = (table.attrs.get("notes") if table is not None else None) or ["no effects"]
+        return "\n".join(f"- {n}" for n in notes)
+    shown = ["term", "estimate", "ci_low", "ci_high", "se", "df", "p", "p_holm", "detectable"]
+    shown += [c for c in ("seeds_needed", "paper", "paper_outside", "note") if c in table]
+    text = table[shown].to_markdown(index=False, floatfmt=".3g")
+    attrs = table.attrs
+    lines = [text, "",
+             f"- {attrs.get('n_runs', 0)} finished runs, residual SD {attrs.get('sigma', math.nan):.3g} "
+             f"AP points on {attrs.get('df_resid', 0)} df; seed "
+             f"{'in the model as a block' if attrs.get('blocked') else 'not a block'}",
+             "- main effect: the mean over the configurations with the factor at its level minus "
+             "the mean with it at the baseline level, averaged over the other factors (not the "
+             "paper's one-at-a-time delta, which is `paper`); separated = Holm-adjusted p < 0.05",
+             "- detectable: the smallest true effect these runs detect with 80% power"]
+    if "seeds_needed" in table:
+        lines.append(f"- seeds_needed: seeds per configuration to detect {attrs.get('target_effect')} "
+                     "AP points with 80% power")
+    lines += [f"- {n}" for n in attrs.get("notes") or []]
+    return "\n".join(lines)
+
+
 def unfinished_trials(runs):
     """Trials that did not finish (failed, pruned, interrupted, running): label, state, seed,
     reason, run_id. They are listed, never averaged."""

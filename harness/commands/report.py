@@ -8,6 +8,8 @@ Reads MLflow only, so it works on any machine that reaches the tracking server. 
   table.csv     the same table, one column per number (AP in percent: MLflow's fraction x 100)
   table.tex     the same table as a booktabs tabular (\\usepackage{booktabs,amssymb})
   trials.csv    every trial run with its MLflow run id and final metrics (MLflow's units)
+  effects.csv   a grid's main effects and two-way interactions in AP points (seed as a block,
+                pooled residual variance, Holm-adjusted p) with the seeds planner's columns
   *.png         per-epoch bbox mAP curves; a grid's AP bar chart; a search's Optuna plots
 
 A cell over several seeds is mean +- std (n); the change in AP against the baseline row (all
@@ -114,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
 
     written = {"table.csv": report.to_csv(table), "table.tex": report.to_latex(table),
                "trials.csv": _trials_csv(runs)}
+    effects = report.study_effects(runs, study) if study is not None else None
+    if effects is not None:
+        written["effects.csv"] = effects.to_csv(index=False)
     for filename, text in written.items():
         with open(os.path.join(out, filename), "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -121,13 +126,17 @@ def run(args: argparse.Namespace) -> int:
     figures, notes = _plots(plots, report, uri, runs, table, study, kind, work_dir, args, out)
     markdown = _report_md(report, name, uri, experiment, study, kind, runs, parents, table,
                           figures, notes, args)
+    if effects is not None:
+        markdown += "\n## Effects (effects.csv)\n\n" + report.effects_markdown(effects) + "\n"
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
         fh.write(markdown)
     print(report.to_markdown(table))
     listing = report.unfinished_trials(runs)
     if len(listing):
         print(f"\n{len(listing)} trial(s) did not finish and are not in the table; see report.md")
-    print(f"\nwrote {out}/: report.md, table.csv, table.tex, trials.csv"
+    if effects is not None:
+        print("\n" + report.effects_markdown(effects))
+    print(f"\nwrote {out}/: report.md, " + ", ".join(sorted(written))
           + "".join(f", {os.path.basename(p)}" for p in figures))
     for note in notes:
         print(f"  note: {note}")
