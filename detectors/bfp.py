@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Mapping, Sequence, Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -9,7 +9,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from harness.errors import UserError
