@@ -10,17 +10,24 @@ inference images per second, peak memory). Units: AP columns are MLflow's fracti
 paper's percent); costs are as logged (s, images/s, MB).
 
 Statistics. The finished trials of a configuration (one per seed) give, per metric, the mean,
-the sample standard deviation (ddof = 1) and n; a NaN value is left out of its metric. The
-change against the baseline row is the difference of means d = m1 - m0, with Welch's t interval
+the sample standard deviation (ddof = 1) and n; a NaN value is left out of its metric.
 
-    v1 = s1^2 / n1,   v0 = s0^2 / n0,   se = sqrt(v1 + v0)
-    df = (v1 + v0)^2 / (v1^2 / (n1 - 1) + v0^2 / (n0 - 1))        (Welch-Satterthwaite)
-    d -/+ t.ppf((1 + c) / 2, df) * se,                             c = 0.95
+The change against the baseline row (ΔAP) is a paired comparison, not a difference of two
+per-row means: every finished run enters one linear model, configuration + seed block
+(harness.effects.delta_table), so a configuration is compared with the baseline seed by seed
+and the noise is the residual variance pooled over every configuration (df = runs - rank). With
+two seeds per cell a per-row Welch interval would rest on 1 df a side; the pooled one rests on
+all of them, and a configuration run with one seed still gets an interval when the others leave
+residual df. The comparisons are a family (every row against the baseline), so
 
-computed only when both rows have n >= 2. With n = 1 on either side no interval exists: the
-delta is shown with "(n=1, no CI)" and nothing is claimed. An interval that contains 0 marks the
-difference "not separated from zero" (a dagger in the tables). Failed, pruned, interrupted and
-running trials never enter a mean; `unfinished_trials` lists them.
+    separated      Holm-adjusted p < 1 - c (family-wise error <= 5% at c = 0.95)
+    [low, high]    Bonferroni-simultaneous: d -/+ t.ppf(1 - (1 - c) / (2 m), df) * se, m rows
+
+An interval that excludes 0 implies Holm separation (Holm's p <= Bonferroni's), so no row is
+marked as separated that the family-wise test does not separate; a row can be Holm-separated
+with its simultaneous interval touching 0. With no residual df (every configuration once) the
+delta is shown with "(no residual df, no CI)" and nothing is claimed. Failed, pruned,
+interrupted and running trials never enter the model; `unfinished_trials` lists them.
 """
 from __future__ import annotations
 
@@ -61,9 +68,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 CHECK = "✓"
-NOT_SEPARATED = "†"  # the interval contains 0
-DAGGER_NOTE = "the 95% CI contains 0: not separated from zero"
-NO_CI = "n=1, no CI"
+NOT_SEPARATED = "†"  # Holm's family-wise test does not separate the row from the baseline
+NO_CI = "no residual df, no CI"
 NO_SPREAD = "no spread over seeds, no CI"
 
 
@@ -220,26 +226,6 @@ def metric_histories(tracking_uri: str, run_ids: Iterable[str], metric: str = "b
 # ------------------------------------------------------------------------------------------
 # Statistics.
 # ------------------------------------------------------------------------------------------
-def welch_interval(mean1: float, std1: float, n1: int, mean0: float, std0: float, n0: int,
-                   confidence: float = 0.95) -> tuple[float, float, float, float]:
-    """(d, low, high, df): d = mean1 - mean0 and Welch's t interval for it (formula in the
-    module docstring). Needs n1, n0 >= 2; when both standard deviations are 0 the interval is
-    undefined and low, high, df are NaN."""
-    from scipy import stats
-
-    if n1 < 2 or n0 < 2:
-        raise ValueError(f"Welch's interval needs n >= 2 on both sides, got {n1} and {n0}")
-    d = mean1 - mean0
-    v1 = std1 ** 2 / n1
-    v0 = std0 ** 2 / n0
-    se = math.sqrt(v1 + v0)
-    if se == 0.0:
-        return d, math.nan, math.nan, math.nan
-    df = (v1 + v0) ** 2 / (v1 ** 2 / (n1 - 1) + v0 ** 2 / (n0 - 1))
-    half = float(stats.t.ppf((1.0 + confidence) / 2.0, df)) * se
-    return d, d - half, d + half, df
-
-
 def _summary(values: Sequence[float]) -> tuple[float, float, int]:
     """(mean, sample std with ddof = 1, n) of the finite values; NaN where undefined."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
@@ -273,8 +259,9 @@ def ablation_table(runs, varied_keys: Sequence[str], columns: Sequence[Column] =
 
     Columns: label, the three flags (bool), each other varied key (its values), n_trials,
     n_finished, seeds, and per Column `<key>_mean`, `<key>_std`, `<key>_n` (shown units);
-    with a delta metric: baseline (bool), d<key>, d<key>_low, d<key>_high, d<key>_df,
-    d<key>_separated (True/False, None without an interval), d<key>_note; paper_label and
+    with a delta metric: baseline (bool), d<key> (paired estimate), d<key>_se, d<key>_low,
+    d<key>_high (Bonferroni-simultaneous), d<key>_df, d<key>_p, d<key>_p_holm,
+    d<key>_separated (Holm; True/False, None without a test), d<key>_note; paper_label and
     paper_<key>, paper_d<key> when a reference matches; run_ids and optuna_trials (';'-joined)
     of the finished trials, so every number can be traced back to MLflow.
     """
@@ -301,6 +288,7 @@ def ablation_table(runs, varied_keys: Sequence[str], columns: Sequence[Column] =
                if _group_id({k: point.get(k, _MISSING) for k in varied}) not in groups]
 
     rows, warnings = [], []
+    observations: list[tuple[int, Any, float]] = []  # (row, seed, delta metric) per finished run
     for gid in ids:
         group = groups[gid]
         done = [r for r in group["runs"] if r.get("state") == "finished"]
@@ -317,6 +305,9 @@ def ablation_table(runs, varied_keys: Sequence[str], columns: Sequence[Column] =
         for col in columns:
             values = [_float(r.get(col.metric)) * col.scale for r in done]
             row[f"{col.key}_mean"], row[f"{col.key}_std"], row[f"{col.key}_n"] = _summary(values)
+            if col is delta:
+                observations += [(len(rows), r.get("seed"), v) for r, v in zip(done, values)
+                                 if math.isfinite(v)]
         row["run_ids"] = ";".join(r["run_id"] for r in done)
         row["optuna_trials"] = ";".join(str(r["optuna_trial"]) for r in done
                                         if r.get("optuna_trial") is not None)
@@ -330,7 +321,7 @@ def ablation_table(runs, varied_keys: Sequence[str], columns: Sequence[Column] =
     note = ""
     if delta is not None and len(table):
         base, note = _pick_baseline(table, delta, baseline)
-        _add_deltas(table, delta, base, confidence)
+        _add_deltas(table, delta, base, confidence, observations)
     if reference and len(table):
         _add_reference(table, reference, columns, delta)
     if len(table):
@@ -487,34 +478,55 @@ def _pick_baseline(table, delta: Column, baseline: Optional[int]) -> tuple[int, 
                    f"results, {table.at[index, 'label']!r}, is the baseline")
 
 
-def _add_deltas(table, delta: Column, base: int, confidence: float) -> None:
+def _add_deltas(table, delta: Column, base: int, confidence: float,
+                observations: Sequence[tuple[int, Any, float]]) -> None:
+    """Each row against the baseline row, paired by seed with the pooled residual variance
+    (harness.effects.delta_table), Holm over the rows, Bonferroni-simultaneous intervals (the
+    module docstring). observations: (row index, seed, value in shown units) per finished run."""
+    from scipy import stats
+
+    from harness.effects import delta_table
+
     k = delta.key
-    m0, s0, n0 = (table.at[base, f"{k}_mean"], table.at[base, f"{k}_std"],
-                  int(table.at[base, f"{k}_n"]))
-    out = {name: [] for name in ("d", "low", "high", "df", "separated", "note")}
+    present = {i for i, _, _ in observations}
+    fit: dict[str, dict] = {}
+    df = 0
+    if base in present and len(present) > 1:
+        rows_of, seeds, values = zip(*observations)
+        frame = delta_table(rows_of, seeds, values, base, confidence)
+        df = int(frame.attrs["df_resid"])
+        fit = {int(r["level"]): r for r in frame.to_dict("records")}
+    family = [r for r in fit.values() if math.isfinite(r["p"])]
+    q = (float(stats.t.ppf(1.0 - (1.0 - confidence) / (2.0 * len(family)), df))
+         if family and df > 0 else math.nan)
+    names = ("d", "se", "low", "high", "df", "p", "p_holm", "separated", "note")
+    out = {name: [] for name in names}
     for i in range(len(table)):
-        m1, s1, n1 = table.at[i, f"{k}_mean"], table.at[i, f"{k}_std"], int(table.at[i, f"{k}_n"])
-        d, low, high, df, separated, note = math.nan, math.nan, math.nan, math.nan, None, ""
+        values = dict.fromkeys(names, math.nan)
+        values.update(separated=None, note="")
+        row = fit.get(i)
         if i == base:
-            d, note = (0.0 if n1 else math.nan), "baseline"
-        elif n1 == 0 or n0 == 0:
-            note = "no finished trial"
-        elif n1 < 2 or n0 < 2:
-            d, note = m1 - m0, NO_CI
+            values.update(d=0.0 if i in present else math.nan, note="baseline")
+        elif i not in present or base not in present:
+            values["note"] = "no finished trial"
+        elif row is None or not math.isfinite(row["estimate"]):
+            values["note"] = "not comparable: no seed links it to the baseline"
+        elif df <= 0:
+            values.update(d=row["estimate"], note=NO_CI)
+        elif not row["se"] > 0:
+            values.update(d=row["estimate"], df=df, note=NO_SPREAD)
         else:
-            d, low, high, df = welch_interval(m1, s1, n1, m0, s0, n0, confidence)
-            if math.isnan(low):
-                note = NO_SPREAD
-            else:
-                separated = bool(low > 0.0 or high < 0.0)
-                note = "" if separated else "not separated from zero"
-        for name, value in zip(out, (d, low, high, df, separated, note)):
-            out[name].append(value)
+            separated = bool(row["p_holm"] < 1.0 - confidence)
+            values.update(d=row["estimate"], se=row["se"], low=row["estimate"] - q * row["se"],
+                          high=row["estimate"] + q * row["se"], df=df, p=row["p"],
+                          p_holm=row["p_holm"], separated=separated,
+                          note="" if separated else "not separated from zero")
+        for name in names:
+            out[name].append(values[name])
     table["baseline"] = [i == base for i in range(len(table))]
     table[f"d{k}"] = out["d"]
-    table[f"d{k}_low"] = out["low"]
-    table[f"d{k}_high"] = out["high"]
-    table[f"d{k}_df"] = out["df"]
+    for name in ("se", "low", "high", "df", "p", "p_holm"):
+        table[f"d{k}_{name}"] = out[name]
     table[f"d{k}_separated"] = _object_series(out["separated"])
     table[f"d{k}_note"] = out["note"]
 
@@ -666,17 +678,19 @@ def _cells(table, latex: bool) -> tuple[list[str], list[str], list[list[str]], l
         legend.append("Cells: mean ± std (n) over seeds (sample std, ddof = 1).")
     if delta is not None:
         level = int(round(100 * attrs.get("confidence", 0.95)))
-        legend.append(f"Δ{delta.title}: difference of means to the baseline row, in AP points, "
-                      f"with a {level}% Welch t interval [low, high]; "
-                      f"{attrs.get('baseline_note', '')}.")
+        m = int(table[f"d{delta.key}_p"].notna().sum()) if f"d{delta.key}_p" in table else 0
+        legend.append(f"Δ{delta.title}: change against the baseline row in AP points, paired by "
+                      "seed (configuration + seed-block model, residual variance pooled over all "
+                      f"runs), with {level}% Bonferroni-simultaneous intervals over the {m} "
+                      f"comparisons; {attrs.get('baseline_note', '')}.")
         if "dagger" in kinds:
-            legend.append(f"{NOT_SEPARATED} the {level}% interval contains 0: "
-                          "not separated from zero.")
+            legend.append(f"{NOT_SEPARATED} not separated from zero by Holm's test over the {m} "
+                          f"comparisons (family-wise error {100 - level}%).")
         if "no_ci" in kinds:
-            legend.append(f"({NO_CI}): one seed on a side; no interval can be computed and no "
-                          "difference is claimed.")
+            legend.append(f"({NO_CI}): every configuration ran once, so nothing is left to "
+                          "estimate the noise from; no difference is claimed (add seeds).")
         if "no_spread" in kinds:
-            legend.append(f"({NO_SPREAD}): every seed gave the same value on both sides.")
+            legend.append(f"({NO_SPREAD}): the model fits every run exactly.")
     if "paper_label" in table:
         legend.append("paper: the study file's reference numbers (published, on the paper's data "
                       "and schedule), matched to rows by config values.")

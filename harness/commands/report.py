@@ -13,9 +13,10 @@ Reads MLflow only, so it works on any machine that reaches the tracking server. 
   *.png         per-epoch bbox mAP curves; a grid's AP bar chart; a search's Optuna plots
 
 A cell over several seeds is mean +- std (n); the change in AP against the baseline row (all
-three components off) has a 95% Welch t interval, and a dagger where the interval contains 0.
-With one seed on a side no interval exists and none is claimed. Failed and pruned trials are
-listed, never averaged.
+three components off) is paired by seed with the residual variance pooled over every run, shown
+with 95% Bonferroni-simultaneous intervals over the rows, and a dagger where Holm's family-wise
+test does not separate it from zero. With every configuration run once no interval exists and
+none is claimed. Failed and pruned trials are listed, never averaged.
 
 examples:
   libra report studies/quickstart.yaml

@@ -1,5 +1,5 @@
 """`libra report`: a real MLflow store, filled through the driver's own writer (harness.tracking.
-Tracker) with known trials, gives exactly the expected means, stds, deltas and Welch intervals;
+Tracker) with known trials, gives exactly the expected means, stds, paired deltas and their intervals;
 failed, pruned and running trials are listed and never averaged; markdown, CSV and LaTeX show
 the same numbers; the plots are written; the command fails in one line when it cannot report.
 """
@@ -216,53 +216,95 @@ def test_rows_follow_the_grid_with_mean_std_n_over_finished_seeds(table):
     assert table.at[a, "peak_mem_mb_std"] == pytest.approx(1.0)
 
 
-def test_delta_ap_and_welch_interval(table):
+def test_delta_ap_is_paired_by_seed_with_the_pooled_variance_and_holm(table):
     a, c, b, d = range(4)
     assert bool(table.at[a, "baseline"]) and table.at[a, "dAP_note"] == "baseline"
     assert "all three components off" in table.attrs["baseline_note"]
 
-    # B - A: d = 34 - 31 = 3; v1 = v0 = 1/3; se = sqrt(2/3) = 0.81650
-    #        df = (2/3)^2 / ((1/3)^2/2 + (1/3)^2/2) = (4/9) / (1/9) = 4
-    #        t(0.975, 4) = 2.776445 (Student's table: 2.776); half = 2.776445 * 0.816497 = 2.266958
-    t4 = 2.7764451051977987
-    assert stats.t.ppf(0.975, 4) == pytest.approx(t4, rel=1e-12)
-    half = t4 * math.sqrt(2 / 3)
-    assert half == pytest.approx(2.266958, abs=1e-6)
+    # Closed form. A, B, C ran seeds 0-2, D seed 0 only (its other seeds failed / are running):
+    #   A 30 31 32 | B 33 34 35 | C 30 32 34 | D 36       (AP points)
+    # configuration + seed model: D's one run fits its own parameter exactly, so the residuals
+    # are those of the balanced 3 x 3 two-way table: e = y - row - col + grand with rows 31, 34,
+    # 32, seed means 31, 32.33, 33.67, grand 32.33 -> e = +-1/3 (A, B), -+2/3 (C), 0 at seed 1;
+    # SSR = 4 (1/9) + 2 (4/9) = 4/3 on df = 10 runs - 6 parameters = 4 -> sigma^2 = 1/3.
+    # B - A = 3 (paired: every seed +3); se = sqrt(sigma^2 (1/3 + 1/3)) = sqrt(2/9) = 0.471405.
+    se = math.sqrt(2 / 9)
     assert table.at[b, "dAP"] == pytest.approx(3.0, abs=1e-9)
-    assert table.at[b, "dAP_df"] == pytest.approx(4.0, rel=1e-9)
-    assert table.at[b, "dAP_low"] == pytest.approx(3.0 - half, abs=1e-9)  # 0.733042
-    assert table.at[b, "dAP_high"] == pytest.approx(3.0 + half, abs=1e-9)  # 5.266958
+    assert table.at[b, "dAP_se"] == pytest.approx(se, abs=1e-9)
+    assert table.at[b, "dAP_df"] == 4
+    assert table.at[b, "dAP_p"] == pytest.approx(2 * stats.t.sf(3.0 / se, 4), rel=1e-9)
+    # three comparisons (B, C, D): Bonferroni-simultaneous 95% -> t(1 - 0.05 / 6, 4) = 3.9608
+    q = stats.t.ppf(1 - 0.05 / 6, 4)
+    assert q == pytest.approx(3.9608, abs=1e-4)
+    assert table.at[b, "dAP_low"] == pytest.approx(3.0 - q * se, abs=1e-9)  # +1.133
+    assert table.at[b, "dAP_high"] == pytest.approx(3.0 + q * se, abs=1e-9)  # +4.867
     assert table.at[b, "dAP_separated"] is True and table.at[b, "dAP_note"] == ""
-
-    # C - A: d = 1; v1 = 4/3, v0 = 1/3; se = sqrt(5/3) = 1.29099
-    #        df = (5/3)^2 / ((4/3)^2/2 + (1/3)^2/2) = (25/9) / (17/18) = 50/17 = 2.94118
-    df = 50 / 17
-    half = stats.t.ppf(0.975, df) * math.sqrt(5 / 3)
-    assert table.at[c, "dAP_df"] == pytest.approx(df, rel=1e-9)
-    assert table.at[c, "dAP_low"] == pytest.approx(1.0 - half, abs=1e-9)
-    assert table.at[c, "dAP_high"] == pytest.approx(1.0 + half, abs=1e-9)
+    # C - A = 1, same se: t = 2.12, p = 0.101, not separated
+    assert table.at[c, "dAP"] == pytest.approx(1.0, abs=1e-9)
+    assert table.at[c, "dAP_p"] == pytest.approx(2 * stats.t.sf(1.0 / se, 4), rel=1e-9)
     assert table.at[c, "dAP_low"] < 0 < table.at[c, "dAP_high"]
-    assert table.at[c, "dAP_separated"] is False
-    assert table.at[c, "dAP_note"] == "not separated from zero"
+    assert table.at[c, "dAP_separated"] is False and table.at[c, "dAP_note"] == "not separated from zero"
+    # D - A, from D's one run: 36 at seed 0, where A's fitted value is 31 + (31 - 32.33) = 29.67,
+    # so D's mean over seeds is 36 + 1.33 = 37.33 and D - A = 6.33: the pooled variance gives the
+    # single-seed row an interval a per-row test could not.
+    assert table.at[d, "dAP"] == pytest.approx(19 / 3, abs=1e-9)
+    assert math.isfinite(table.at[d, "dAP_low"]) and table.at[d, "dAP_separated"] is not None
 
-    # Both intervals against scipy's own Welch test (the same data in percent)
-    base = [30.0, 31.0, 32.0]
-    for row, values in ((b, [33.0, 34.0, 35.0]), (c, [30.0, 32.0, 34.0])):
-        ci = stats.ttest_ind(values, base, equal_var=False).confidence_interval(0.95)
+    # The same numbers from statsmodels: OLS with treatment coding against A and seed dummies,
+    # Holm from multipletests, the simultaneous intervals from conf_int at 0.05 / 3.
+    import numpy as np
+    import pandas as pd
+    import statsmodels.api as sm
+    from statsmodels.stats.multitest import multipletests
+
+    cfg, seed = list("AAABBBCCCD"), [0, 1, 2] * 3 + [0]
+    X = pd.DataFrame({"const": 1.0, **{f"cfg_{k}": [float(x == k) for x in cfg] for k in "BCD"},
+                      **{f"seed_{k}": [float(x == k) for x in seed] for k in (1, 2)}})
+    fit = sm.OLS(np.array([30, 31, 32, 33, 34, 35, 30, 32, 34, 36.0]), X).fit()
+    names = {b: "cfg_B", c: "cfg_C", d: "cfg_D"}
+    holm = multipletests([fit.pvalues[n] for n in names.values()], method="holm")[1]
+    ci = fit.conf_int(alpha=0.05 / 3)
+    for (row, name), p_holm in zip(names.items(), holm):
+        assert table.at[row, "dAP"] == pytest.approx(fit.params[name], abs=1e-9)
+        assert table.at[row, "dAP_se"] == pytest.approx(fit.bse[name], rel=1e-9)
+        assert table.at[row, "dAP_p"] == pytest.approx(fit.pvalues[name], rel=1e-7)
+        assert table.at[row, "dAP_p_holm"] == pytest.approx(p_holm, rel=1e-7)
         assert (table.at[row, "dAP_low"], table.at[row, "dAP_high"]) == pytest.approx(
-            (ci.low, ci.high), abs=1e-7)
-
-    # D has one seed: the delta, no interval, no claim
-    assert table.at[d, "dAP"] == pytest.approx(5.0, abs=1e-9)
-    assert math.isnan(table.at[d, "dAP_low"]) and math.isnan(table.at[d, "dAP_high"])
-    assert table.at[d, "dAP_separated"] is None and table.at[d, "dAP_note"] == "n=1, no CI"
+            tuple(ci.loc[name]), abs=1e-7)
+        assert table.at[row, "dAP_separated"] is bool(p_holm < 0.05)
+    assert np.isfinite(table["dAP_p"].drop(index=a)).all()
 
 
-def test_welch_interval_edges():
-    with pytest.raises(ValueError):
-        report.welch_interval(1.0, 0.5, 1, 0.0, 0.5, 3)
-    d, low, high, df = report.welch_interval(2.0, 0.0, 3, 1.0, 0.0, 3)  # no spread at all
-    assert d == 1.0 and math.isnan(low) and math.isnan(high) and math.isnan(df)
+def test_paired_deltas_hold_their_family_wise_error_and_joint_coverage():
+    """By simulation, through the report's own code: 4 configurations x 3 seeds with a seed
+    effect 10x the noise. Under the null (no configuration differs) Holm marks a row separated
+    in at most 5% of studies (binomial 3-sigma slack); with true deltas (0, 0, 1.5) the three
+    simultaneous intervals cover all true deltas at once in at least 95% of studies."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(7)
+    col, sims, configs, seeds = report.AP_COLUMNS[0], 400, 4, 3
+    truth = np.array([0.0, 0.0, 0.0, 1.5])
+    false_alarm = covered = 0
+    for _ in range(sims):
+        seed_effect = rng.normal(0.0, 5.0, seeds)
+        obs_null, obs_alt = [], []
+        for i in range(configs):
+            for s in range(seeds):
+                noise = rng.normal(0.0, 0.5)
+                obs_null.append((i, s, 30.0 + seed_effect[s] + noise))
+                obs_alt.append((i, s, 30.0 + truth[i] + seed_effect[s] + noise))
+        null = pd.DataFrame(index=range(configs))
+        report._add_deltas(null, col, 0, 0.95, obs_null)
+        false_alarm += bool(null["dAP_separated"].drop(index=0).any())
+        alt = pd.DataFrame(index=range(configs))
+        report._add_deltas(alt, col, 0, 0.95, obs_alt)
+        rows = alt.drop(index=0)
+        covered += bool(((rows["dAP_low"] <= truth[1:]) & (truth[1:] <= rows["dAP_high"])).all())
+    slack = 3 * math.sqrt(0.05 * 0.95 / sims)
+    assert false_alarm / sims <= 0.05 + slack
+    assert covered / sims >= 0.95 - slack
 
 
 def test_failed_pruned_and_running_are_listed_never_averaged(store, runs, table):
@@ -295,9 +337,11 @@ def test_baseline_falls_back_to_the_first_row_and_says_so(runs):
     table = report.ablation_table(subset, [IOU, BFP], order=[B, D])
     assert table["label"].tolist() == ["IoU-sampling", "IoU-sampling + BFP"]
     assert bool(table.at[0, "baseline"]) and "first row" in table.attrs["baseline_note"]
-    assert table.at[1, "dAP"] == pytest.approx(2.0) and table.at[1, "dAP_note"] == "n=1, no CI"
+    # B (seeds 0-2) and D (seed 0): 4 runs, 4 parameters, no residual df. The paired delta is
+    # D's seed-0 run minus B's seed-0 run, 36 - 33 = 3 (the unpaired difference of means is 2).
+    assert table.at[1, "dAP"] == pytest.approx(3.0) and table.at[1, "dAP_note"] == report.NO_CI
     text = report.to_markdown(table)
-    assert "+2.0 (n=1, no CI)" in text and "no difference is claimed" in text
+    assert f"+3.0 ({report.NO_CI})" in text and "no difference is claimed" in text
 
 
 def test_the_driver_can_pass_mlflow_search_runs_rows(store, runs):
@@ -347,7 +391,7 @@ def test_markdown_csv_and_latex_show_the_same_numbers(table):
         if row["dAP_note"] == "baseline":
             expected = "baseline"
         elif math.isnan(low):
-            expected = f"{d:+.1f} (n=1, no CI)"
+            expected = f"{d:+.1f} ({report.NO_CI})"
         else:
             expected = f"{d:+.1f} [{low:+.1f}, {high:+.1f}]"
         md_delta, tex_delta = md_row["ΔAP"], tex_row["$\\Delta$AP"]
@@ -358,8 +402,8 @@ def test_markdown_csv_and_latex_show_the_same_numbers(table):
             assert md_row["paper AP"] == tex_row["paper AP"] == f"{float(row['paper_AP']):.1f}"
     # the markdown states what the marks mean
     text = report.to_markdown(table)
-    assert "† the 95% interval contains 0: not separated from zero" in text
-    assert "+3.0 [+0.7, +5.3]" in text and "+1.0 [" in text
+    assert "† not separated from zero by Holm's test over the 3 comparisons" in text
+    assert "+3.0 [+1.1, +4.9]" in text and "+1.0 [" in text
 
 
 def test_latex_is_booktabs_and_escaped(table, runs):
