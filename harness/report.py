@@ -94,8 +94,8 @@ AP_COLUMNS = (
     Column("bbox_mAP_l", "APl", "APl", "AP$_L$", 100.0, 1),
 )
 COST_COLUMNS = (
-    Column("mean_sec_per_iter", "sec_per_iter", "s/iter", "s/iter", 1.0, 3),  # training
-    Column("eval_images_per_sec", "infer_img_per_sec", "img/s", "img/s", 1.0, 1),  # last eval
+    Column("mean_sec_per_iter", "sec_per_iter", "train s/iter", "train s/iter", 1.0, 3),
+    Column("eval_images_per_sec", "infer_img_per_sec", "eval img/s", "eval img/s", 1.0, 1),
     Column("max_peak_memory_mb", "peak_mem_mb", "mem (MB)", "mem (MB)", 1.0, 0),
 )
 DEFAULT_COLUMNS = AP_COLUMNS + COST_COLUMNS
@@ -697,6 +697,13 @@ def _cells(table, latex: bool) -> tuple[list[str], list[str], list[list[str]], l
     if search:
         legend.append(f"The best {len(table)} finished configurations by {attrs.get('metric')} "
                       f"({attrs.get('direction')}).")
+    if any(c in COST_COLUMNS for c in columns):
+        legend.append("Cost columns (train s/iter: mean seconds per training iteration; eval img/s: "
+                      "images per second of the last evaluation, not training; mem: peak MB) are "
+                      "each trial's own wall-clock figures, confounded with whatever else the "
+                      "machine ran at the time (concurrent trials, the order they ran in, other "
+                      "jobs): not comparable between rows. `libra bench` measures the components' costs "
+                      "interleaved, side by side.")
     legend += [f"Warning: {w}." for w in attrs.get("warnings") or []]
     if attrs.get("missing"):
         legend.append("Not run yet: " + "; ".join(attrs["missing"]) + ".")

@@ -209,8 +209,8 @@ def _report_md(report: Any, name: str, uri: str, experiment: str, study: Any, ki
     lines += [f"- {line}" for line in report.describe_provenance(runs, parents)]
     lines += ["", "## Results", "", report.to_markdown(table), ""]
     lines += ["Every number comes from MLflow: AP columns are the trial runs' latest `bbox_mAP*` "
-              "values x 100 (the last evaluated epoch), s/iter is `mean_sec_per_iter`, img/s the "
-              "last `eval_images_per_sec`, mem `max_peak_memory_mb`; `table.csv` lists each row's "
+              "values x 100 (the last evaluated epoch), train s/iter is `mean_sec_per_iter`, eval "
+              "img/s the last `eval_images_per_sec`, mem `max_peak_memory_mb`; `table.csv` lists each row's "
               "run ids, `trials.csv` each run's values.", ""]
     listing = report.unfinished_trials(runs)
     lines += ["## Trials not in the table", ""]
