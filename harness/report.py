@@ -791,7 +791,8 @@ def render_markdown_table(runs, study, *, include_unfinished: bool = True) -> st
 
     runs: `load_study_runs`' frame, or mlflow.search_runs-shaped rows (harness.tracking.
     trial_runs); study: harness.spec.Study. With include_unfinished, the trials that did not
-    finish follow the table (they are never averaged).
+    finish follow the table (they are never averaged); a grid's factorial effects (the rows of
+    effects.csv) follow last.
     """
     if runs is None or not len(runs):
         return "(no trials recorded yet)"
@@ -801,6 +802,10 @@ def render_markdown_table(runs, study, *, include_unfinished: bool = True) -> st
     listing = unfinished_trials(runs)
     if include_unfinished and len(listing):
         text += "\n\nNot in the table (never averaged):\n\n" + unfinished_markdown(listing)
+    effects = study_effects(runs, study)
+    if effects is not None and len(effects):
+        text += "\n\nEffects (factorial, seed as a block; `libra report` writes effects.csv):\n\n"
+        text += effects_markdown(effects)
     return text
 
 

@@ -43,6 +43,7 @@ def test_grid_end_to_end_then_rerun_trains_nothing(ray_cluster, write_study, tmp
     out = capsys.readouterr().out
     assert "4/4 trials done" in out and "0 failed" in out
     assert "BFP" in out and "AP50" in out and "ΔAP" in out  # the comparison table
+    assert "Effects (factorial, seed as a block" in out and "p_holm" in out  # effects.csv's rows
 
     client = MlflowClient(default_uri(str(work)))
     experiment = client.get_experiment_by_name("grid4")
