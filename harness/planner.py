@@ -41,7 +41,10 @@ def power(delta: float, se: float, df: float, alpha: float = ALPHA) -> float:
         return math.nan
     q = float(stats.t.ppf(1.0 - alpha / 2.0, df))
     nc = abs(delta) / se
-    return float(stats.nct.sf(q, df, nc) + stats.nct.cdf(-q, df, nc))
+    # P(|T'| > q) for T' noncentral t(df, nc) is P(T'^2 > q^2) with T'^2 noncentral F(1, df,
+    # nc^2): the same number, but scipy's nct.sf returns NaN for large nc at small df (nc = 80,
+    # df = 1; nc = 40, df = 8) where ncf stays finite.
+    return float(stats.ncf.sf(q * q, 1, df, nc * nc))
 
 
 def detectable_effect(se: float, df: float, target_power: float = POWER,

@@ -194,3 +194,20 @@ def test_delta_table_pairs_by_seed():
     assert row["level"] == "x" and row["estimate"] == pytest.approx(1.5, abs=0.05)
     assert row["ci_high"] - row["ci_low"] < 0.2  # unpaired, the seeds' spread (SD 8.5) would swamp it
     assert bool(row["separated"])
+
+
+def test_power_is_finite_where_scipys_noncentral_t_gives_nan():
+    """The planner's power at small df and large noncentrality (nct.sf returns NaN at nc = 80,
+    df = 1): equal to nct where nct is finite, 1 in the limit, and the detectable effect of a
+    1-df design (a 2 x 2 grid with one seed) is found instead of failing."""
+    from scipy import stats
+
+    for df, nc in ((1, 5.0), (1, 20.0), (2, 10.0), (8, 5.0)):
+        q = stats.t.ppf(0.975, df)
+        assert planner.power(nc, 1.0, df) == pytest.approx(
+            stats.nct.sf(q, df, nc) + stats.nct.cdf(-q, df, nc), rel=1e-9)
+    assert planner.power(80.0, 1.0, 1) == pytest.approx(1.0, abs=1e-8)
+    assert planner.power(40.0, 1.0, 8) == 1.0
+    d = planner.detectable_effect(0.1, 1)
+    assert planner.power(d, 0.1, 1) == pytest.approx(0.8, abs=1e-6)
+    assert 1.0 < d < 4.0  # t(0.975, 1) = 12.7: about 20 standard errors at df 1
