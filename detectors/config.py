@@ -369,6 +369,9 @@ class ScheduleConfig:
     # Images per evaluation batch; None: batch_size. The reference tests one image per GPU:
     # in larger batches the padding to the largest image enters the BFP's global pooling.
     eval_batch_size: Optional[int] = None
+    # Bootstrap resamples of the validation images at the last evaluation (0: none): logs
+    # bbox_mAP_boot_sd, the evaluation noise `libra report` sets beside the seed-to-seed noise.
+    eval_bootstrap: int = 0
 
     def validate(self, where: str) -> None:
         for name in ("epochs", "batch_size", "base_batch_size", "eval_every"):
@@ -395,6 +398,7 @@ class ScheduleConfig:
         check_device(f"{where}.device", self.device)
         check_range(f"{where}.num_threads", self.num_threads, 1, optional=True)
         check_range(f"{where}.max_iters_per_epoch", self.max_iters_per_epoch, 1, optional=True)
+        check_range(f"{where}.eval_bootstrap", self.eval_bootstrap, 0, 10000)
 
     @property
     def evaluation_batch_size(self) -> int:

@@ -281,13 +281,16 @@ def evaluate(
     backend: str = "pycocotools",
     progress: bool = False,
     ctx: Optional[DistContext] = None,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> dict[str, Any]:
     """COCO box evaluation of `model` on `dataset` (a CocoDetection).
 
     Under DDP every rank predicts its share of the images; rank 0 gathers the records and runs
     COCOeval; the result is broadcast so every rank returns the same dict:
     {"metrics": {bbox_mAP, ..., eval_seconds, eval_images_per_sec}, "per_class_AP": {...},
-    "summary": COCOeval's printed summary}.
+    "summary": COCOeval's printed summary}. With bootstrap = B > 0 the metrics also hold
+    bbox_mAP_boot_sd (detectors.evaluation.coco_box_eval: AP's SD over B resamples of the images).
     """
     ctx = ctx or DistContext.current()
     device = device or next(model.parameters()).device
@@ -305,8 +308,11 @@ def evaluate(
     result: list = [None]
     if ctx.is_main:
         base = _base_dataset(dataset)
-        evaluation = coco_box_eval(base.coco, records, image_ids=base.image_ids, backend=backend)
+        evaluation = coco_box_eval(base.coco, records, image_ids=base.image_ids, backend=backend,
+                                   bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
         metrics = dict(evaluation.metrics)
+        if "bbox_mAP_boot_sd" in evaluation:
+            metrics["bbox_mAP_boot_sd"] = evaluation["bbox_mAP_boot_sd"]
         metrics["eval_seconds"] = time.perf_counter() - start
         metrics["eval_images_per_sec"] = num_images / infer_seconds if infer_seconds else 0.0
         result[0] = {"metrics": metrics, "per_class_AP": evaluation.per_class_AP, "summary": evaluation.summary}
@@ -416,7 +422,8 @@ def fit(
             metrics: epoch (1-based), loss and loss_* terms, lr, sec_per_iter,
             train_images_per_sec, peak_memory_mb, epoch_seconds, attempt_start_epoch and
             attempt_steps (this call's first epoch and steps so far), world_size, and on evaluated epochs the
-            bbox_* metrics, eval_seconds, eval_images_per_sec. An exception from a callback
+            bbox_* metrics, eval_seconds, eval_images_per_sec (and bbox_mAP_boot_sd at the last
+            epoch with schedule.eval_bootstrap > 0). An exception from a callback
             stops training and propagates (the harness prunes this way).
         resume: continue from out_dir's checkpoint when there is one.
         progress: a progress bar over iterations; None = only when stderr is a terminal.
@@ -505,6 +512,9 @@ def fit(
             last_eval = evaluate(
                 _unwrap(model), val_set, device=device, batch_size=schedule.evaluation_batch_size, amp=schedule.amp,
                 backend=eval_backend, progress=show_progress, ctx=ctx,
+                # the evaluation noise of the run's final AP (its last evaluation only)
+                bootstrap=schedule.eval_bootstrap if epoch == schedule.epochs else 0,
+                bootstrap_seed=schedule.seed,
             )
             metrics.update(last_eval["metrics"])
         metrics["epoch_seconds"] = time.perf_counter() - epoch_start

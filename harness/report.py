@@ -380,7 +380,51 @@ def study_effects(runs, study, confidence: float = 0.95):
     labels = {k: titles[switches[k]] if k in switches else short.get(k, k) for k in keys}
     table = effects.effects_table(runs, keys, levels, labels=labels, confidence=confidence,
                                   reference=study.spec.reference)
-    return planner.plan(table, study.spec.analysis.target_effect)
+    planned = planner.plan(table, study.spec.analysis.target_effect)
+    planned.attrs.update(evaluation_noise(runs))
+    return planned
+
+
+def evaluation_noise(runs, scale: float = 100.0) -> dict[str, Any]:
+    """The evaluation noise of the finished runs' AP: eval_sd = sqrt(mean of bbox_mAP_boot_sd^2)
+    in shown units (the bootstrap over validation images each run logs with
+    schedule.eval_bootstrap > 0; detectors.evaluation.bootstrap_map), eval_sd_runs = how many
+    runs logged it. {} when none did."""
+    if runs is None or not len(runs) or "bbox_mAP_boot_sd" not in runs.columns:
+        return {}
+    done = runs[runs["state"] == "finished"]
+    sds = [float(v) * scale for v in done["bbox_mAP_boot_sd"]
+           if v is not None and math.isfinite(float(v))]
+    if not sds:
+        return {}
+    return {"eval_sd": math.sqrt(math.fsum(v * v for v in sds) / len(sds)), "eval_sd_runs": len(sds)}
+
+
+def noise_lines(attrs: Mapping[str, Any]) -> list[str]:
+    """Where the noise comes from, for the effects section: the seed-to-seed (residual) SD next
+    to the evaluation (bootstrap) SD, and which of more seeds or more validation images helps."""
+    sigma, eval_sd = attrs.get("sigma", math.nan), attrs.get("eval_sd")
+    if eval_sd is None:
+        return ["- evaluation noise: not measured (set schedule.eval_bootstrap, e.g. 200, to "
+                "bootstrap each run's AP over its validation images)"]
+    lines = [f"- noise: seed-to-seed (the model's residual) SD {sigma:.3g} AP points; evaluation "
+             f"SD {eval_sd:.3g} AP points (bootstrap over the validation images, "
+             f"{attrs.get('eval_sd_runs')} runs): how far a run's AP would move on another "
+             "validation set of the same size"]
+    if math.isfinite(sigma) and sigma > 0:
+        ratio = eval_sd / sigma
+        if ratio >= 1.0:
+            verdict = ("the validation set's noise is as large as the seeds': more validation "
+                       "images are needed before these effects generalise beyond this set; "
+                       "more seeds only narrow the intervals for this set")
+        elif ratio >= 0.5:
+            verdict = ("both matter: more seeds narrow the intervals, more validation images "
+                       "shrink the part no number of seeds removes")
+        else:
+            verdict = ("seed-to-seed noise dominates: more seeds narrow the intervals; the "
+                       "validation set is large enough")
+        lines.append(f"- evaluation / seed SD = {ratio:.2f}: {verdict}")
+    return lines
 
 
 def effects_markdown(table) -> str:
@@ -403,6 +447,7 @@ def effects_markdown(table) -> str:
     if "seeds_needed" in table:
         lines.append(f"- seeds_needed: seeds per configuration to detect {attrs.get('target_effect')} "
                      "AP points with 80% power")
+    lines += noise_lines(attrs)
     lines += [f"- {n}" for n in attrs.get("notes") or []]
     return "\n".join(lines)
 

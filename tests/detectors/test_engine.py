@@ -43,12 +43,15 @@ def test_linear_scaling_rule():
 
 
 def test_fit_trains_evaluates_checkpoints_and_reports(tmp_path):
-    cfg = tiny_config(tmp_path / "data")
+    cfg = tiny_config(tmp_path / "data", eval_bootstrap=20)
     seen = []
     result = fit(cfg, str(tmp_path / "run"), callbacks=[seen.append], progress=False)
     assert [m["epoch"] for m in seen] == [1, 2]
     first, last = result["history"]
     assert last["loss"] < first["loss"]
+    # the evaluation noise is measured at the last evaluation only
+    assert "bbox_mAP_boot_sd" not in first and "bbox_mAP_boot_sd" in seen[-1]
+    assert math.isfinite(last["bbox_mAP_boot_sd"]) and last["bbox_mAP_boot_sd"] >= 0
     for name in ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_AR_100"):
         assert 0.0 <= last[name] <= 1.0, name
     for name in ("sec_per_iter", "train_images_per_sec", "peak_memory_mb", "eval_images_per_sec", "epoch_seconds"):

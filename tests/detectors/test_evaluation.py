@@ -173,3 +173,120 @@ def test_unknown_or_missing_backend_is_a_clear_value_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # makes the import fail
     with pytest.raises(ValueError, match="needs faster-coco-eval, which is not installed"):
         coco_box_eval(gt_dict(), [], backend="faster")
+
+
+# ------------------------------------------------------------------------------------------
+# The bootstrap over validation images (the report's evaluation noise).
+# ------------------------------------------------------------------------------------------
+def _population(num_images, seed, id_offset=0):
+    """A synthetic detector on `num_images` images: 1-4 boxes of 3 categories each, every box
+    found with probability 0.7 at a jittered position, plus false positives; the same generator
+    for every call, so independent calls are independent validation sets of one population."""
+    rng = np.random.default_rng(seed)
+    images, annotations, detections = [], [], []
+    for n in range(num_images):
+        image_id = id_offset + n + 1
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": 200, "height": 200})
+        for _ in range(int(rng.integers(1, 5))):
+            x, y = rng.uniform(0, 140, 2)
+            w, h = rng.uniform(12, 60, 2)
+            category = int(rng.choice([3, 7, 42]))
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": category, "bbox": [x, y, w, h], "area": w * h,
+                                "iscrowd": 0})
+            if rng.uniform() < 0.7:
+                jitter = rng.normal(0, 0.12 * min(w, h), 2)
+                detections.append({"image_id": image_id, "category_id": category,
+                                   "bbox": [x + jitter[0], y + jitter[1], w, h],
+                                   "score": float(rng.uniform(0.3, 1.0))})
+        for _ in range(int(rng.integers(0, 3))):
+            x, y = rng.uniform(0, 160, 2)
+            detections.append({"image_id": image_id, "category_id": int(rng.choice([3, 7, 42])),
+                               "bbox": [x, y, 30.0, 30.0], "score": float(rng.uniform(0.0, 0.8))})
+    return {"images": images, "annotations": annotations, "categories": CATEGORIES}, detections
+
+
+def _evaluated(gt, detections):
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        evaluator = COCOeval(coco, coco.loadRes([dict(d) for d in detections]), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator
+
+
+def test_resampled_map_reuses_the_matches_exactly():
+    """Identity positions give COCOeval's own AP; positions with repeats give the AP COCOeval
+    computes on a set that holds those copies of the images (new ids, same boxes)."""
+    import contextlib
+    import io
+
+    from detectors.evaluation import resampled_map
+
+    gt, detections = _population(12, seed=1)
+    evaluator = _evaluated(gt, detections)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert resampled_map(evaluator, np.arange(12)) == pytest.approx(evaluator.stats[0], abs=1e-12)
+        positions = np.array([0, 0, 0, 3, 5, 5, 7, 8, 8, 8, 11, 2])
+        ids = evaluator.params.imgIds
+        got = resampled_map(evaluator, positions)
+    # The same multiset of images as a real dataset: copy j of image i gets id 1000 * (j + 1) + i.
+    images, annotations, copied = [], [], []
+    seen = {}
+    for position in positions:
+        image_id = ids[position]
+        seen[image_id] = seen.get(image_id, 0) + 1
+        new_id = 1000 * seen[image_id] + image_id
+        images.append({"id": new_id, "file_name": f"{new_id}.png", "width": 200, "height": 200})
+        annotations += [{**a, "id": len(annotations) + k + 1, "image_id": new_id}
+                        for k, a in enumerate(x for x in gt["annotations"] if x["image_id"] == image_id)]
+        copied += [{**d, "image_id": new_id} for d in detections if d["image_id"] == image_id]
+    twin = _evaluated({"images": images, "annotations": annotations, "categories": CATEGORIES}, copied)
+    assert got == pytest.approx(twin.stats[0], abs=1e-12)
+    assert evaluator.params.imgIds == ids and len(evaluator.evalImgs) == 3 * 4 * 12  # untouched
+
+
+def test_bootstrap_sd_estimates_the_spread_over_independent_validation_sets():
+    """What bbox_mAP_boot_sd claims, by simulation: the SD of AP over 40 independent validation
+    sets of 40 images from one population, against the bootstrap SD computed on single sets
+    (mean over 4 sets): within 25% (measured here: 0.0281 against 0.0295)."""
+    import contextlib
+    import io
+
+    from detectors.evaluation import bootstrap_map
+
+    aps = [_evaluated(*_population(40, seed=100 + s)).stats[0] for s in range(40)]
+    true_sd = float(np.std(aps, ddof=1))
+    with contextlib.redirect_stdout(io.StringIO()):
+        boot = [float(np.std(bootstrap_map(_evaluated(*_population(40, seed=900 + s)), 150, seed=s),
+                             ddof=1)) for s in range(4)]
+    assert true_sd > 0.01  # 40 images do make AP noisy: the check has something to measure
+    assert np.mean(boot) == pytest.approx(true_sd, rel=0.25)
+
+
+def test_coco_box_eval_logs_the_bootstrap_sd_seeded_and_only_where_it_can():
+    gt, detections = _population(15, seed=3)
+    first = coco_box_eval(gt, detections, bootstrap=40, bootstrap_seed=5)
+    again = coco_box_eval(gt, detections, bootstrap=40, bootstrap_seed=5)
+    other = coco_box_eval(gt, detections, bootstrap=40, bootstrap_seed=6)
+    assert 0.0 < first["bbox_mAP_boot_sd"] < 0.5
+    assert first["bbox_mAP_boot_sd"] == again["bbox_mAP_boot_sd"] != other["bbox_mAP_boot_sd"]
+    assert scalar_metrics(first) == scalar_metrics(coco_box_eval(gt, detections))  # AP unchanged
+    assert "bbox_mAP_boot_sd" not in coco_box_eval(gt, detections)
+    if "faster_coco_eval" in sys.modules or _has_faster():
+        assert math.isnan(coco_box_eval(gt, detections, backend="faster", bootstrap=10)["bbox_mAP_boot_sd"])
+
+
+def _has_faster():
+    from detectors.evaluation import backend_available
+
+    return backend_available("faster")

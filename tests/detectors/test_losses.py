@@ -258,3 +258,28 @@ def test_closed_form_values_with_other_alpha_and_gamma(alpha, gamma, expected):
     torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-9)
     default, _ = _loss_at([0.1, 0.5, 2.0])
     assert (loss - default).abs().min() > 1e-3  # every point tells these settings from the defaults
+
+
+# ------------------------------------------------------------------ found by mutation testing
+@pytest.mark.parametrize("kwargs, message", [
+    ({"alpha": 0.0}, "alpha must be > 0, got 0.0"),
+    ({"gamma": -1.0}, "gamma must be > 0, got -1.0"),
+    ({"beta": float("nan")}, "beta must be > 0, got nan"),
+    ({"reduction": "avg"}, r"reduction must be one of \('none', 'mean', 'sum'\), got 'avg'"),
+])
+def test_bad_arguments_name_the_argument_and_its_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        balanced_l1_loss(torch.zeros(2, 4), torch.zeros(2, 4), **kwargs)
+
+
+@pytest.mark.parametrize("formulation", ["scaled", "reference"])
+@pytest.mark.parametrize("beta", [1.0, 0.11])
+def test_the_loss_depends_only_on_the_difference(formulation, beta):
+    # Every other test uses target 0, where |input - target| and |input + target| coincide.
+    diff = torch.tensor([-2.0, -0.3, -0.05, 0.0, 0.04, 0.2, 0.9, 1.5], dtype=torch.float64)
+    target = torch.tensor([0.7, -1.2, 3.0, 0.5, -0.25, 2.0, -0.6, 0.1], dtype=torch.float64)
+    shifted = balanced_l1_loss(target + diff, target, beta=beta, reduction="none", formulation=formulation)
+    at_zero = balanced_l1_loss(diff, torch.zeros_like(diff), beta=beta, reduction="none",
+                               formulation=formulation)
+    torch.testing.assert_close(shifted, at_zero, rtol=1e-12, atol=1e-12)
+    assert (at_zero[diff != 0] > 0).all()  # not trivially equal

@@ -573,3 +573,19 @@ def test_cli_writes_effects_from_every_finished_run_with_seed_as_a_block(store, 
     assert int(table.at[IOU, "df"]) == int(fit.df_resid) == 10 - 6  # 10 runs; rank: mean, 2 seeds, 2 mains, 1 interaction
     assert table.at[IOU, "paper"] == pytest.approx(0.9, abs=1e-9)  # (0.368 - 0.359) x 100
     assert 0.0 <= table.at[IOU, "p"] <= table.at[IOU, "p_holm"] <= 1.0
+
+
+def test_evaluation_noise_sets_the_bootstrap_sd_beside_the_seed_sd():
+    import pandas as pd
+
+    runs = pd.DataFrame({"state": ["finished", "finished", "failed", "finished"],
+                         "bbox_mAP_boot_sd": [0.006, 0.008, 0.5, math.nan]})
+    noise = report.evaluation_noise(runs)
+    # root mean square of 0.6 and 0.8 AP points; the failed run and the NaN are left out
+    assert noise["eval_sd"] == pytest.approx(math.sqrt((0.36 + 0.64) / 2)) and noise["eval_sd_runs"] == 2
+    assert report.evaluation_noise(runs.drop(columns=["bbox_mAP_boot_sd"])) == {}
+    lines = report.noise_lines({"sigma": 2.0, **noise})
+    assert "evaluation SD 0.707 AP points" in lines[0] and "seed-to-seed noise dominates" in lines[1]
+    assert "as large as the seeds'" in report.noise_lines({"sigma": 0.5, **noise})[1]
+    assert "both matter" in report.noise_lines({"sigma": 1.2, **noise})[1]
+    assert "not measured" in report.noise_lines({"sigma": 1.0})[0]
