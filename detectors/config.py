@@ -372,6 +372,10 @@ class ScheduleConfig:
     # Bootstrap resamples of the validation images at the last evaluation (0: none): logs
     # bbox_mAP_boot_sd, the evaluation noise `libra report` sets beside the seed-to-seed noise.
     eval_bootstrap: int = 0
+    # torch.use_deterministic_algorithms (warn-only) and cuDNN's deterministic mode. CPU runs
+    # here are bit-identical without it; on CUDA it removes what it can (cuDNN's algorithm
+    # choice, index ops) and warns on ops with no deterministic kernel (roi_align backward).
+    deterministic: bool = False
 
     def validate(self, where: str) -> None:
         for name in ("epochs", "batch_size", "base_batch_size", "eval_every"):

@@ -81,6 +81,17 @@ def resolve_device(spec: str, where: str = "schedule.device") -> torch.device:
     return device
 
 
+def set_determinism(enabled: bool) -> None:
+    """schedule.deterministic: deterministic kernels where torch has them, a warning (not an
+    error: a study must not die on the first such op) where it has none, cuDNN's fixed
+    algorithms. CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS starts, hence setdefault."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -445,6 +456,7 @@ def fit(
         torch.cuda.reset_peak_memory_stats(device)
     if schedule.num_threads is not None:
         torch.set_num_threads(schedule.num_threads)
+    set_determinism(schedule.deterministic)
     show_progress = _progress_enabled(progress) and ctx.is_main
     os.makedirs(out_dir, exist_ok=True)
     checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)

@@ -923,7 +923,28 @@ def describe_provenance(runs, parents=None) -> list[str]:
             lines.append("device: " + ", ".join(devices))
         for workers, cpus, gpus in res:
             lines.append(f"resources per trial: {workers} worker(s) x ({cpus} CPU, {gpus} GPU)")
+        lines.append(reproducibility_line(runs["config"]))
     return lines
+
+
+def reproducibility_line(configs) -> str:
+    """Whether the same configuration and seed would give the same numbers again, from what the
+    runs' configs say about where they ran (a trial with no GPU and device auto runs on CPU)."""
+    configs = [c for c in configs if isinstance(c, dict)]
+    on_gpu = [c for c in configs if str(c.get("schedule.device", "auto")).startswith("cuda")
+              or (str(c.get("schedule.device", "auto")) == "auto"
+                  and (c.get("resources.gpus_per_worker") or 0) > 0)]
+    if not on_gpu:
+        return ("reproducibility: CPU runs; the same configuration and seed give bit-identical "
+                "losses and AP, also two at once as Ray tasks and across a resume "
+                "(tests/harness/test_reproducibility.py)")
+    strict = all(c.get("schedule.deterministic") is True for c in on_gpu)
+    return ("reproducibility: GPU runs are not bit-identical from run to run: on CUDA, "
+            "torchvision's roi_align backward accumulates with atomicAdd in no fixed order and "
+            "cuDNN may choose nondeterministic kernels; "
+            + ("schedule.deterministic was on (deterministic kernels where torch has them), "
+               "so roi_align's is what remains" if strict else
+               "schedule.deterministic: true removes what torch can (roi_align's remains)"))
 
 
 # ------------------------------------------------------------------------------------------

@@ -135,3 +135,16 @@ def test_cuda_requested_without_a_gpu_is_a_config_error(tmp_path):
     cfg = tiny_config(tmp_path / "data", device="cuda")
     with pytest.raises(ConfigError, match="schedule.device"):
         fit(cfg, str(tmp_path / "run"), progress=False)
+
+
+def test_deterministic_switch_sets_torch_and_is_undone(tmp_path):
+    from detectors.engine import set_determinism
+
+    try:
+        set_determinism(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()  # warns, never kills a study
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    finally:
+        set_determinism(False)
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic

@@ -589,3 +589,12 @@ def test_evaluation_noise_sets_the_bootstrap_sd_beside_the_seed_sd():
     assert "as large as the seeds'" in report.noise_lines({"sigma": 0.5, **noise})[1]
     assert "both matter" in report.noise_lines({"sigma": 1.2, **noise})[1]
     assert "not measured" in report.noise_lines({"sigma": 1.0})[0]
+
+
+def test_the_report_says_whether_the_runs_were_reproducible():
+    cpu = report.reproducibility_line([{"schedule.device": "auto", "resources.gpus_per_worker": 0}])
+    assert cpu.startswith("reproducibility: CPU runs") and "bit-identical" in cpu
+    gpu = report.reproducibility_line([{"schedule.device": "auto", "resources.gpus_per_worker": 1}])
+    assert "not bit-identical" in gpu and "roi_align" in gpu and "removes what torch can" in gpu
+    strict = report.reproducibility_line([{"schedule.device": "cuda", "schedule.deterministic": True}])
+    assert "schedule.deterministic was on" in strict
