@@ -31,6 +31,9 @@ A study file is YAML::
       amp: false                          #   synthetic set's, else min_size x max_size
       what: [model, sampler]
     seeds: [0, 1]                         # schedule.seed of each grid point (a search or bench takes one)
+                                          #   or, for a grid, rounds: {initial: 2, max: 8,
+                                          #   until_half_width: 1.0} adds a seed per round until
+                                          #   every main effect's 95% half-width <= 1.0 AP
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, concurrency: 2}
     tracking: {uri: null, experiment: null, optuna_storage: null}
     max_retries: 1                        # extra attempts for a trial that raises or goes NaN
@@ -55,10 +58,11 @@ import os
 import re
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
 
 from detectors.components import components
 from detectors.config import (
@@ -289,6 +293,29 @@ class Analysis(_Strict):
     target_effect: Optional[float] = Field(default=None, gt=0)  # AP points the planner must resolve
 
 
+class SeedRounds(_Strict):
+    """`seeds: {initial: 2, max: 8, until_half_width: 1.0}`: run the grid with seeds
+    first .. first + initial - 1, then add one seed to every configuration per round until every
+    main effect's 95% interval half-width (harness/effects.py, AP points) is at most
+    until_half_width or the study has `max` seeds."""
+
+    initial: int = Field(default=2, ge=1)
+    max: int = Field(ge=1)
+    until_half_width: float = Field(gt=0)
+    first: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SeedRounds":
+        if self.max < self.initial:
+            raise ValueError(f"max ({self.max}) must be >= initial ({self.initial})")
+        if self.first + self.max - 1 > MAX_SEED:
+            raise ValueError(f"seeds would run past {MAX_SEED}")
+        return self
+
+    def seeds(self, count: int) -> list[int]:
+        return list(range(self.first, self.first + count))
+
+
 class StudySpec(_Strict):
     name: str
     description: str = ""
@@ -298,7 +325,12 @@ class StudySpec(_Strict):
     grid: Optional[dict[str, Any]] = None
     search: Optional[SearchSpec] = None
     bench: Optional[BenchSpec] = None
-    seeds: Optional[list[int]] = None
+    # A list, or a mapping of seed rounds; the discriminator picks the branch so an error
+    # names the key inside it (seeds.rounds.max) rather than "not a list".
+    seeds: Optional[Annotated[Union[Annotated[list[int], Tag("list")],
+                                    Annotated[SeedRounds, Tag("rounds")]],
+                              Discriminator(lambda v: "rounds" if isinstance(v, (dict, SeedRounds))
+                                            else "list")]] = None
     resources: Resources = Resources()
     tracking: Tracking = Tracking()
     max_retries: int = Field(default=1, ge=0)
@@ -315,8 +347,8 @@ class StudySpec(_Strict):
 
     @field_validator("seeds")
     @classmethod
-    def _seeds(cls, value: Optional[list[int]]) -> Optional[list[int]]:
-        if value is not None:
+    def _seeds(cls, value: Any) -> Any:
+        if isinstance(value, list):
             if not value:
                 raise ValueError("empty; give at least one seed or drop the key")
             if len(set(value)) != len(value):
@@ -369,9 +401,20 @@ class Study:
 
     @property
     def seeds(self) -> list[int]:
+        """The seeds this study's trials run now (with seed rounds: the first round's)."""
+        if isinstance(self.spec.seeds, SeedRounds):
+            return self.spec.seeds.seeds(self.spec.seeds.initial)
         if self.spec.seeds is not None:
             return list(self.spec.seeds)
         return [int(self.base.get("schedule", {}).get("seed", 0))]
+
+    @property
+    def seed_rounds(self) -> Optional[SeedRounds]:
+        return self.spec.seeds if isinstance(self.spec.seeds, SeedRounds) else None
+
+    def with_seeds(self, seeds: Sequence[int]) -> "Study":
+        """The same study with a fixed list of seeds (a round of a seed-rounds study)."""
+        return dataclasses.replace(self, spec=self.spec.model_copy(update={"seeds": list(seeds)}))
 
     @property
     def metric(self) -> str:
@@ -635,6 +678,9 @@ def validate_study(mapping: dict, path: str, shown: Optional[str] = None) -> Stu
     if res.workers > 1 and 0 < res.gpus_per_worker < 1:
         raise fail("resources.gpus_per_worker",
                    "DDP over several workers needs a whole GPU per worker (1 or more)")
+    if isinstance(spec.seeds, SeedRounds) and spec.grid is None:
+        raise fail("seeds", "seed rounds ({initial, max, until_half_width}) are for a grid; "
+                            "a search or bench takes one seed")
     if spec.search is not None and spec.seeds is not None and len(spec.seeds) != 1:
         raise fail("seeds", "a search takes one seed (it compares configurations, not seeds)")
     if spec.resources.gpus_per_worker > 0 and base_cfg.schedule.device == "cpu":

@@ -231,6 +231,8 @@ class _Driver:
         self.parked: dict[str, list[Any]] = collections.defaultdict(list)
         self.counts = {"finished": 0, "failed": 0, "pruned": 0}
         self.failures: list[tuple[str, str]] = []  # this invocation's, incl. proposals never run
+        self.rounds = study.seed_rounds  # kept: each round's study has a plain list of seeds
+        self.round_log: list[str] = []  # seed rounds' decisions (libra.rounds on the parent run)
         self.mailbox = None
         self.progress: Progress = None  # type: ignore[assignment]
         self.out = opts.stream or sys.stdout
@@ -249,6 +251,16 @@ class _Driver:
         self.progress.skipped(source.already, "already done in an earlier run (not trained again)")
         try:
             self._loop(source)
+            while (seeds := self._next_round(source)) is not None:
+                self.study = self.study.with_seeds(seeds)
+                source = _GridSource(self)
+                self.progress.close()
+                best, best_label = self.progress.best, self.progress.best_label
+                self.progress = Progress(source.total, self.metric, self.study.direction,
+                                         stream=self.out)
+                self.progress.best, self.progress.best_label = best, best_label
+                self.progress.skipped(source.already, "already done (earlier rounds or runs)")
+                self._loop(source)
         except KeyboardInterrupt:
             self._interrupt()
             self.progress.close()
@@ -418,6 +430,42 @@ class _Driver:
             for otrial in otrials:
                 search.mark_interrupted(self.ostudy, otrial, otrial.params if requeue else {})
         self.progress.interrupted(len(self.by_key))
+
+    # Seed rounds ---------------------------------------------------------------------------
+    def _next_round(self, source: Any) -> Optional[list[int]]:
+        """With `seeds: {initial, max, until_half_width}`: the seeds of the next round (one more
+        per configuration), or None when every main effect's 95% half-width meets the target,
+        the cap is reached, or a trial failed (a failing grid must be fixed, not grown). The
+        decision is printed and tagged on the parent run (libra.rounds), so a resumed study
+        walks the same rounds: finished trials are skipped, the effects are read back."""
+        from harness.report import study_effects, tidy_runs
+
+        rounds = self.rounds
+        if rounds is None or self.counts["failed"]:
+            return None
+        seeds = self.study.seeds
+        frame = tidy_runs(trial_runs(self.tracker.uri, self.tracker.experiment_name, source.keys()))
+        effects = study_effects(frame, self.study)
+        main = effects[effects["kind"] == "main"] if effects is not None and len(effects) else None
+        half = ((main["ci_high"] - main["ci_low"]) / 2.0).tolist() if main is not None else []
+        widest = max(half, default=math.nan) if all(math.isfinite(h) for h in half) else math.inf
+        target = rounds.until_half_width
+        shown = "no interval yet" if not math.isfinite(widest) else f"{widest:.2f} AP"
+        line = (f"round {len(seeds) - rounds.initial + 1}: seeds {seeds[0]}-{seeds[-1]}, widest "
+                f"main-effect 95% half-width {shown} (target {target:g})")
+        if half and widest <= target:
+            decision, nxt = "resolved", None
+        elif len(seeds) >= rounds.max:
+            decision, nxt = f"stopping at the cap of {rounds.max} seeds, not resolved", None
+        else:
+            nxt = rounds.seeds(len(seeds) + 1)
+            decision = f"adding seed {nxt[-1]} to every configuration"
+        print(f"{line}: {decision}", file=self.out)
+        self.round_log.append(f"{line}: {decision}")
+        self.tracker.set_tags(self.tracker.parent_id,
+                              {"libra.rounds": "\n".join(self.round_log),
+                               "libra.seeds": ",".join(str(x) for x in (nxt or seeds))})
+        return nxt
 
     # The end -------------------------------------------------------------------------------
     def _parent_counts(self, source: Any) -> dict[str, int]:
@@ -611,6 +659,13 @@ def describe(study: Study, opts: RunOptions) -> str:
                      + (", AMP" if bench.amp else "") + f", memory {bench.memory}, seed {plan.seed}")
     elif study.kind == "grid":
         trials = study.trials()
+        rounds = study.seed_rounds
+        if rounds is not None:
+            lines.append(f"seeds in rounds: {rounds.initial} to start ({trials[0].seed}-"
+                         f"{trials[-1].seed}), then one more per configuration per round until "
+                         f"every main effect's 95% half-width <= {rounds.until_half_width:g} AP, "
+                         f"at most {rounds.max} seeds ({len(study.grid_points()) * rounds.max} "
+                         "trials); the first round:")
         lines.append(f"{len(trials)} trials:")
         short = short_names(study.varied_keys)
         switches = {c.key: c.title for c in components()}
