@@ -233,6 +233,7 @@ class _Driver:
         self.failures: list[tuple[str, str]] = []  # this invocation's, incl. proposals never run
         self.rounds = study.seed_rounds  # kept: each round's study has a plain list of seeds
         self.round_log: list[str] = []  # seed rounds' decisions (libra.rounds on the parent run)
+        self.done_before = 0  # trials finished by earlier invocations, set when the run starts
         self.mailbox = None
         self.progress: Progress = None  # type: ignore[assignment]
         self.out = opts.stream or sys.stdout
@@ -249,6 +250,9 @@ class _Driver:
         self.progress = Progress(source.total, self.metric, self.study.direction,
                                  stream=self.out)
         self.progress.skipped(source.already, "already done in an earlier run (not trained again)")
+        # Counted once, here: a later round's source also counts the earlier rounds' trials,
+        # which this invocation trained itself.
+        self.done_before = source.already
         try:
             self._loop(source)
             while (seeds := self._next_round(source)) is not None:
@@ -476,9 +480,9 @@ class _Driver:
 
         out = self.out
         frame = trial_runs(self.tracker.uri, self.tracker.experiment_name, source.keys())
-        done = source.already + sum(self.counts.values())
+        done = self.done_before + sum(self.counts.values())
         print(f"\n{self.study.name}: {done}/{source.total} trials done: "
-              f"{source.already} from earlier runs, {self.counts['finished']} finished now, "
+              f"{self.done_before} from earlier runs, {self.counts['finished']} finished now, "
               f"{self.counts['pruned']} pruned, {self.counts['failed']} failed", file=out)
         for label, reason in self.failures:
             print(f"  failed: {label}: {reason}", file=out)

@@ -29,24 +29,28 @@ def test_rounds_stop_when_resolved_then_grow_to_the_cap_on_a_stricter_target(
     runs = trial_runs(uri, "rounds")
     assert len(runs) == 4 and sorted(runs["tags.libra.seed"].astype(int)) == [0, 0, 1, 1]
 
-    # The same study with a target no interval meets: round 1 is read back (nothing retrains),
-    # round 2 adds seed 2 to both configurations, and the cap of 3 seeds ends it.
-    strict = ["run", path, "--work-dir", str(work), "--set", "seeds.until_half_width=1.0e-12"]
+    # The same study with a target no interval meets and a cap of 4: round 1 is read back
+    # (nothing retrains), rounds 2 and 3 add seeds 2 and 3 to both configurations, the cap ends
+    # it, and the closing count says what this invocation trained (not the earlier rounds twice).
+    strict = ["run", path, "--work-dir", str(work), "--set", "seeds.until_half_width=1.0e-12",
+              "--set", "seeds.max=4"]
     assert main(strict) == 0
     out = capsys.readouterr().out
     assert "4 trial(s) already done" in out
     assert "round 1: seeds 0-1" in out and "adding seed 2 to every configuration" in out
-    assert "round 2: seeds 0-2" in out and "stopping at the cap of 3 seeds, not resolved" in out
+    assert "round 2: seeds 0-2" in out and "adding seed 3 to every configuration" in out
+    assert "round 3: seeds 0-3" in out and "stopping at the cap of 4 seeds, not resolved" in out
+    assert "8/8 trials done: 4 from earlier runs, 4 finished now" in out
     runs = trial_runs(uri, "rounds")
-    assert len(runs) == 6 and runs["tags.libra.trial_key"].is_unique
-    assert sorted(runs["tags.libra.seed"].astype(int)) == [0, 0, 1, 1, 2, 2]
+    assert len(runs) == 8 and runs["tags.libra.trial_key"].is_unique
+    assert sorted(runs["tags.libra.seed"].astype(int)) == [0, 0, 1, 1, 2, 2, 3, 3]
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("rounds")
     parents = client.search_runs([experiment.experiment_id], "tags.`libra.role` = 'study'",
                                  order_by=["attributes.start_time DESC"])
     latest = parents[0].data.tags
-    assert latest["libra.seeds"] == "0,1,2" and len(latest["libra.rounds"].splitlines()) == 2
-    # the closing table and effects cover all three seeds
+    assert latest["libra.seeds"] == "0,1,2,3" and len(latest["libra.rounds"].splitlines()) == 3
+    # the closing table and effects cover all four seeds
     assert "Effects (factorial" in out
 
 
