@@ -245,7 +245,7 @@ class _Driver:
         from harness.trial import Mailbox
 
         self.mailbox = Mailbox.remote()
-        self.tracker.start_parent(self.work_dir, self.opts.argv)
+        self.tracker.start_parent(self.work_dir, self.opts.argv, describe(self.study, self.opts))
         source = _GridSource(self) if self.study.kind == "grid" else _SearchSource(self)
         self.progress = Progress(source.total, self.metric, self.study.direction,
                                  stream=self.out)
@@ -476,7 +476,8 @@ class _Driver:
         return {"total": source.total, **self.counts}
 
     def _report(self, source: Any) -> None:
-        from harness.report import render_markdown_table
+        from harness import mlflow_view
+        from harness.report import render_markdown_table, tidy_runs
 
         out = self.out
         frame = trial_runs(self.tracker.uri, self.tracker.experiment_name, source.keys())
@@ -491,9 +492,14 @@ class _Driver:
                   file=out)
         print("", file=out)
         # The same table `libra report` writes; failed and pruned trials are listed under it.
-        print(render_markdown_table(frame, self.study), file=out)
-        print(f"\nMLflow: {self.tracker.uri} (experiment {self.tracker.experiment_name!r}); "
-              f"browse with: mlflow ui --backend-store-uri {self.tracker.uri}", file=out)
+        table = render_markdown_table(frame, self.study)
+        print(table, file=out)
+        # The parent run says which trial is best and keeps the closing table (mlflow_view).
+        client, parent = self.tracker.client, self.tracker.parent_id
+        mlflow_view.log_summary(client, parent, table)
+        mlflow_view.mark_best(client, parent, tidy_runs(frame), self.metric, self.study.direction)
+        print(f"\nMLflow: {self.tracker.uri} (experiment {self.tracker.experiment_name!r})\n"
+              + mlflow_view.browse_hint(self.tracker.uri, self.tracker.experiment_id), file=out)
         if self.counts["failed"]:
             print(f"{self.counts['failed']} trial(s) failed; fix the cause and re-run the same "
                   "command to retry them (finished trials are kept)", file=out)
@@ -564,7 +570,7 @@ def _run_bench(study: Study, opts: RunOptions, work_dir: str, tracker: Tracker) 
         if threading_main():
             signal.signal(signal.SIGTERM, _raise_interrupt)
         record = tracker.existing_trials().get(plan.key)
-        tracker.start_parent(work_dir, opts.argv)
+        tracker.start_parent(work_dir, opts.argv, describe(study, opts))
         counts = {"total": 1, "finished": 0, "failed": 0, "pruned": 0}
         if record is not None and record.state == "finished":
             print(f"  {plan.label} [{plan.key}]: already done in an earlier run (not run again)",
@@ -606,8 +612,10 @@ def _run_bench(study: Study, opts: RunOptions, work_dir: str, tracker: Tracker) 
         counts["finished"] = 1
         tracker.end_parent("FINISHED", counts, None)
         print(f"\n{outcome['markdown']}\n", file=out)
-        print(f"MLflow: {tracker.uri} (experiment {tracker.experiment_name!r}, run {run_id}); "
-              f"browse with: mlflow ui --backend-store-uri {tracker.uri}", file=out)
+        from harness import mlflow_view
+
+        print(f"MLflow: {tracker.uri} (experiment {tracker.experiment_name!r}, run {run_id})\n"
+              + mlflow_view.browse_hint(tracker.uri, tracker.experiment_id), file=out)
         return 0
     finally:
         if threading_main():

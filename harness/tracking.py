@@ -18,17 +18,21 @@ Parent run, one per invocation of `libra run` (run name `<study>-<UTC timestamp>
     metrics  trials_total, trials_finished, trials_failed, trials_pruned,
              best_<metric> (e.g. best_bbox_mAP), logged when the invocation ends
     artifact study.yaml (the study after --set overrides)
+    and what harness/mlflow_view.py adds for the UI: the description (mlflow.note.content),
+             params base.*, grid.* / search.*, seeds, kind; plan.md; libra.best_run_id,
+             libra.best_run_name, libra.best_config; summary.md; report/ (from libra report)
     status   FINISHED; FAILED when a trial failed; KILLED when interrupted
 
 Child run, one per trial (nested: tag mlflow.parentRunId = the parent that created it; a
 resumed trial keeps its run, and so its first parent). Run name: the trial's label.
     params   every dotted key of the trial's full config (detector.*, data.*, schedule.*, as in
              detectors.config.TrainConfig.to_dict) plus resources.workers,
-             resources.cpus_per_worker, resources.gpus_per_worker. Values are text: strings bare,
+             resources.cpus_per_worker, resources.gpus_per_worker, and short aliases for the
+             UI (ibs, bfp, bl1, seed, varied keys' short names). Values are text: strings bare,
              everything else JSON (true, 0.5, null, [8, 11]); read them back with yaml.safe_load.
     tags     libra.role = "trial", libra.study, libra.trial_key, libra.label,
              libra.params (JSON object: the dotted keys this trial varies -> values),
-             libra.seed, libra.arch, libra.backbone,
+             libra.seed, libra.arch, libra.backbone, libra.config ("-ibs +bfp -bl1": no seed),
              libra.flag.<component> ("true" | "false") for each of detectors.components
              (libra.flag.iou_balanced_sampling, libra.flag.balanced_feature_pyramid, ...),
              libra.trial_state = running | finished | failed | pruned | interrupted,
@@ -74,6 +78,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
+from harness import mlflow_view
 from harness.errors import UserError
 from harness.spec import Study, TrialPlan, flatten, render_value
 from harness.stores import default_uri, study_stores  # noqa: F401  (default_uri: part of this module's API)
@@ -194,6 +199,7 @@ class Tracker:
         self.client = _UninterruptedClient(MlflowClient(tracking_uri=self.uri))
         try:
             self.experiment_id = self._experiment(work_dir)
+            mlflow_view.dress_experiment(self.client, self.experiment_id, study)
         except Exception as err:  # an unusable database or server: one line, not a traceback
             raise UserError(f"cannot use MLflow tracking store {self.uri}: "
                             f"{' '.join(str(err).split())[:300]}") from None
@@ -214,7 +220,7 @@ class Tracker:
     # ---------------------------------------------------------------------------------------
     # The parent run.
     # ---------------------------------------------------------------------------------------
-    def start_parent(self, work_dir: str, argv: Sequence[str]) -> str:
+    def start_parent(self, work_dir: str, argv: Sequence[str], plan_text: str = "") -> str:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         tags = {ROLE: "study", "libra.study": self.study.name, "libra.kind": self.study.kind,
                 "libra.study_file": self.study.path, "libra.work_dir": work_dir,
@@ -224,6 +230,7 @@ class Tracker:
         self.parent_id = run.info.run_id
         self.client.log_text(self.parent_id, yaml.safe_dump(self.study.mapping, sort_keys=False),
                              "study.yaml")
+        mlflow_view.dress_parent(self.client, self.parent_id, self.study, plan_text)
         return self.parent_id
 
     def end_parent(self, status: str, counts: Mapping[str, int], best: Optional[float]) -> None:
@@ -281,6 +288,7 @@ class Tracker:
         cfg = plan.config
         tags.update({
             ROLE: "trial", "libra.study": self.study.name, KEY: plan.key, "libra.label": plan.label,
+            mlflow_view.CONFIG_TAG: mlflow_view.config_label(plan, self.study),
             "libra.params": json.dumps(plan.params, sort_keys=True), "libra.seed": plan.seed,
             "libra.arch": cfg.detector.arch, "libra.backbone": cfg.detector.backbone,
             "mlflow.parentRunId": self.parent_id, **provenance(),
@@ -295,6 +303,7 @@ class Tracker:
         params.update({"resources.workers": res.workers,
                        "resources.cpus_per_worker": res.cpus_per_worker,
                        "resources.gpus_per_worker": res.gpus_per_worker})
+        params.update(mlflow_view.param_aliases(plan, self.study))  # ibs, bfp, bl1, seed, ...
         params.update(extra_params or {})
         items = [Param(k, render_value(v)[:6000]) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch

@@ -12,6 +12,9 @@ Reads MLflow only, so it works on any machine that reaches the tracking server. 
                 pooled residual variance, Holm-adjusted p) with the seeds planner's columns
   *.png         per-epoch bbox mAP curves; a grid's AP bar chart; a search's Optuna plots
 
+and logs the same files as artifacts (report/) of the study's latest parent run in MLflow, then
+prints the address that opens the study in `mlflow ui` (harness/mlflow_view.py).
+
 A cell over several seeds is mean +- std (n); the change in AP against the baseline row (all
 three components off) is paired by seed with the residual variance pooled over every run, shown
 with 95% Bonferroni-simultaneous intervals over the rows, and a dagger where Holm's family-wise
@@ -141,7 +144,30 @@ def run(args: argparse.Namespace) -> int:
           + "".join(f", {os.path.basename(p)}" for p in figures))
     for note in notes:
         print(f"  note: {note}")
+    print(_log_to_parent(uri, experiment, parents, out, sorted(written) + ["report.md"], figures))
     return 0
+
+
+def _log_to_parent(uri: str, experiment: str, parents: Any, out: str, names: list[str],
+                   figures: list[str]) -> str:
+    """The report's files as artifacts (report/) of the study's latest parent run, so the MLflow
+    UI holds them beside the runs; returns the line to print (where to browse, or why not)."""
+    from mlflow import MlflowClient
+
+    from harness import mlflow_view
+
+    if not len(parents):
+        return "MLflow: no parent run to attach the report to (runs made before libra run recorded one)"
+    parent = str(list(parents["run_id"])[-1])
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        paths = [os.path.join(out, name) for name in names] + list(figures)
+        mlflow_view.log_files(client, parent, paths, "report")
+        experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    except Exception as err:  # an artifact store this machine cannot write: the files stay on disk
+        return f"  note: the report was not logged to MLflow ({' '.join(str(err).split())[:200]})"
+    return (f"logged to MLflow run {parent} (artifacts report/)\n"
+            + mlflow_view.browse_hint(uri, experiment_id))
 
 
 # ------------------------------------------------------------------------------------------

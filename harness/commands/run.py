@@ -7,7 +7,8 @@ the same study on a Ray cluster (keep --work-dir on storage every node can reach
 --tracking-uri / --optuna-storage for shared servers.
 
 Re-running the same command resumes: finished trials are kept, interrupted ones continue from
-their last checkpoint, and MLflow gets no duplicate runs. Exit code: 0 when every trial finished
+their last checkpoint, and MLflow gets no duplicate runs. The run ends with the results table
+and the address that opens the study in MLflow's UI, grouped by configuration. Exit code: 0 when every trial finished
 (or was pruned), 1 when some failed after their retries, 2 for a mistake in the study or flags.
 
 --dry-run validates everything a trial would reject (every key, type and range of every trial's
