@@ -6,7 +6,7 @@ import contextlib
 import io
 import statistics
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 from typing import Optional, Sequence
 
 import numpy as np
@@ -19,21 +19,11 @@ COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 4
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
-@dataclass(frozen=True)
-class SyntheticEvalSet:
-    """A COCO-val-like ground truth and result set as arrays; G gt boxes, D detections, boxes
-    xywh, image indices 0-based (ids 1-based in the records)."""
-
-    image_sizes: np.ndarray  # [I, 2] (height, width)
-    gt_image_index: np.ndarray  # [G]
-    gt_boxes: np.ndarray  # [G, 4]
-    gt_categories: np.ndarray  # [G] COCO category id
-    gt_areas: np.ndarray  # [G] "segmentation" area, below the box area as in COCO
-    gt_iscrowd: np.ndarray  # [G] 0/1
-    det_image_index: np.ndarray  # [D]
-    det_boxes: np.ndarray  # [D, 4]
-    det_categories: np.ndarray  # [D]
-    det_scores: np.ndarray  # [D]
+class SyntheticEvalSet(namedtuple("SyntheticEvalSet", "image_sizes gt_image_index gt_boxes gt_categories gt_areas "
+                                  "gt_iscrowd det_image_index det_boxes det_categories det_scores")):
+    """A COCO-val-like problem as arrays: image_sizes [I, 2] (height, width); per gt box (G) its
+    image index (0-based), box xywh [G, 4], COCO category id, "segmentation" area (below the box
+    area, as in COCO), iscrowd 0/1; per detection (D) image index, box [D, 4], category, score."""
 
     @property
     def num_images(self) -> int:
@@ -102,22 +92,12 @@ def synthetic_eval_set(num_images: int = 5000, *, gt_per_image: float = 7.3, det
         det_scores=np.round(np.concatenate(det_scores), 4))
 
 
-@dataclass(frozen=True)
-class CocoEvalResult:
-    backend: str
-    num_images: int
-    num_gt: int
-    num_detections: int
-    repeats: int
-    total_s: float  # median over repeats: index + loadRes + evaluate + accumulate + summarize
-    load_s: float
-    evaluate_s: float
-    accumulate_summarize_s: float
-    speedup: float  # pycocotools total / this total
-    stats: tuple[float, ...]  # the 12 COCO numbers
-    max_abs_diff_vs_pycocotools: float
-    identical_to_pycocotools: bool  # all 12 bit for bit
-    agrees_with_pycocotools: bool  # all 12 within 1e-12: at most float summation order apart
+# One backend's figures: seconds are medians over repeats (total = index + loadRes + evaluate +
+# accumulate + summarize); speedup = pycocotools' total / this; stats the 12 COCO numbers; identical:
+# all 12 bit for bit; agrees: all within 1e-12 (at most float summation order apart).
+CocoEvalResult = namedtuple("CocoEvalResult", "backend num_images num_gt num_detections repeats total_s load_s "
+                            "evaluate_s accumulate_summarize_s speedup stats max_abs_diff_vs_pycocotools "
+                            "identical_to_pycocotools agrees_with_pycocotools")
 
 
 def _evaluate_once(backend: str, data: SyntheticEvalSet) -> tuple[np.ndarray, dict[str, float]]:

@@ -11,52 +11,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 from typing import Sequence
 
 from harness.bench.model import Progress, quiet
 
 
-@dataclass(frozen=True)
-class TrialTiming:
-    """One trial as the study's MLflow records show it. Times are seconds; *_at are Unix times."""
-
-    label: str
-    state: str
-    opened_at: float  # the driver created the trial's run (just before launching it on Ray)
-    closed_at: float  # the driver terminated the run (after logging its results)
-    wall_s: float  # trial_wall_seconds: launch on Ray -> result back in the driver
-    fit_s: float  # total_train_seconds: the sum of fit's epoch times (training + evaluation)
-    eval_s: float  # total_eval_seconds
+# One trial as the study's MLflow records show it (seconds; *_at Unix times): opened_at / closed_at
+# when the driver created / terminated its run; wall_s its trial_wall_seconds (launch on Ray -> result
+# in the driver), fit_s total_train_seconds (fit's epochs: training + evaluation), eval_s total_eval_seconds.
+TrialTiming = namedtuple("TrialTiming", "label state opened_at closed_at wall_s fit_s eval_s")
 
 
-@dataclass(frozen=True)
-class HarnessCost:
+class HarnessCost(namedtuple("HarnessCost", "study num_trials slots wall_s setup_s teardown_s train_s eval_s "
+                             "trial_overhead_s trial_overhead_median_s trial_overhead_max_s tracking_s idle_slot_s "
+                             "ideal_s wall_over_ideal trials")):
     """Where a study's wall time goes, in slot-seconds (slots x wall time), and the ideal.
 
     Parts: training and evaluation (fit's epochs); trial overhead (launch -> result minus the
     epochs: Ray scheduling, worker start and imports, set-up, checkpoints, the result);
     tracking at trial boundaries (the driver's MLflow work while the slot waits); study set-up
     (process start to the parent run) and teardown, which hold every slot; idle slots. The
-    ideal is training + evaluation divided by the slots.
+    ideal is training + evaluation divided by the slots; wall_over_ideal's target is <= 1.15.
     """
-
-    study: str
-    num_trials: int
-    slots: int
-    wall_s: float
-    setup_s: float
-    teardown_s: float
-    train_s: float
-    eval_s: float
-    trial_overhead_s: float
-    trial_overhead_median_s: float
-    trial_overhead_max_s: float
-    tracking_s: float
-    idle_slot_s: float
-    ideal_s: float
-    wall_over_ideal: float  # target: at most 1.15
-    trials: tuple[TrialTiming, ...] = ()
 
     def breakdown(self) -> list[tuple[str, float]]:
         """(part, slot-seconds); the parts add up to slots x wall_s."""

@@ -1,29 +1,23 @@
 """Model cost: the baseline, each component alone and all on, timed side by side on one batch.
 
-Every variant is built from one base `DetectorConfig` with the same seed and fed the same
-synthetic batch, plus an identical copy of the baseline as an A/A control. After warm-up the
-variants take turns, one training step (detectors.engine.train_step, the one `fit` takes) and
-one inference batch each per round, the order rotated every round, so whatever drifts during
-the run hits every variant alike. Ratios are medians of per-round paired ratios; the
-control's ratios are the run's noise floor.
-
-Peak memory. CUDA: the allocator's peak as a run of that variant alone would see it: its
-resident tensors (parameters, buffers, optimizer state) plus the batch plus the training step's
-peak above what was allocated when the step began. CPU: a process's peak RSS never goes down
-and the allocator keeps what it freed, so each variant gets a fresh process (`cpu_memory_probe`)
-that builds only it and runs a few steps; its peak is reset after the imports (Linux
-/proc/self/clear_refs), and the RSS before the model (Python, torch) is the idle figure.
+Every variant is built from one `DetectorConfig` with the same seed, plus an identical copy of
+the baseline as an A/A control (its ratios are the run's noise floor). The variants take turns,
+one training step (detectors.engine.train_step, the one `fit` takes) and one inference batch
+per round, the order rotated every round, so drift hits every variant alike; ratios are medians
+of per-round paired ratios. Peak memory, CUDA: resident tensors + batch + the training step's
+allocator peak above them, as a run of the variant alone would see it. CPU: a process's peak
+RSS never goes down, so each variant gets a fresh process (`cpu_memory_probe`) whose peak is
+reset after the imports (/proc/self/clear_refs); its RSS before the model is the idle figure.
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import math
+import multiprocessing
 import re
 import resource
-import subprocess
-import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -32,12 +26,15 @@ from torch import Tensor
 from torch.utils.benchmark.utils.timer import timer  # perf_counter, after a CUDA sync on GPUs
 
 from detectors.components import components, count_word
-from detectors.config import DetectorConfig, from_mapping, to_plain
+from detectors.config import DetectorConfig
 
 Progress = Callable[[str], None]
 BASELINE = "baseline"
 SAMPLER_VARIANT = "+iou_balanced_sampling"  # the variant whose training step the sampler is a share of
 CONTROL = "baseline again (A/A control)"  # a second, identical baseline: its ratios show the noise
+# SGD as the engine runs it; a small lr keeps the weights (and so the work per step) steady.
+SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}
+GRAD_CLIP = 35.0
 
 
 def quiet(_: str) -> None:
@@ -108,11 +105,6 @@ class ModelBenchSettings:
     amp: bool = False  # float16 autocast + GradScaler; CUDA only
     seed: int = 0
     boxes_per_image: int = 7
-    # SGD as the engine runs it; a small lr keeps the weights (and so the work per step) steady.
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    grad_clip: Optional[float] = 35.0
     memory: str = "auto"  # auto: CUDA allocator on a GPU, a fresh process per variant on the CPU | off
     memory_steps: int = 3  # CPU memory probe: steps (after one warm-up) in the fresh process
     control: bool = True  # also time an identical copy of the baseline (the noise floor)
@@ -132,16 +124,15 @@ class VariantResult:
     infer_batch_s_q25: float
     infer_batch_s_q75: float
     infer_images_per_s: float  # batch_size / median inference batch time
-    peak_memory_mb: Optional[float]  # harness.bench.memory; None when not measured
+    peak_memory_mb: Optional[float]  # see the module docstring; None when not measured
     idle_memory_mb: Optional[float]  # CPU only: RSS of the probe process before building the model
     memory_method: str  # how peak_memory_mb was measured, in words
-    train_time_ratio: float  # median over rounds of (this step / the baseline's in that round)
+    train_time_ratio: float  # median over rounds of (this step / the baseline's in that round), IQR
     train_time_ratio_q25: float
     train_time_ratio_q75: float
     infer_throughput_ratio: float  # median over rounds of baseline's / this inference time
     memory_ratio: Optional[float]
-    # CPU: (peak - idle) / the baseline's: without the ~0.7 GB every process pays for torch.
-    memory_above_idle_ratio: Optional[float]
+    memory_above_idle_ratio: Optional[float]  # CPU: (peak - idle) / the baseline's, without torch's ~0.7 GB
     final_loss: float  # last timed step's total loss: finite, or the timings are suspect
 
     def __getattr__(self, name: str):
@@ -172,11 +163,9 @@ class Runner:
         torch.manual_seed(settings.seed)  # same initial weights for the parts variants share
         self.model = build_detector(cfg).to(device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(self.params, lr=settings.lr, momentum=settings.momentum,
-                                         weight_decay=settings.weight_decay)
+        self.optimizer = torch.optim.SGD(self.params, **SGD)
         self.use_amp, self.device_type = settings.amp and device.type == "cuda", device.type
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp)
-        self.grad_clip = settings.grad_clip
         self.last_loss: Optional[Tensor] = None
 
     def train_step(self, images: list[Tensor], targets: list[dict]) -> float:
@@ -186,7 +175,7 @@ class Runner:
         self.model.train()
         start = timer()
         self.last_loss, _ = train_step(self.model, self.optimizer, self.scaler, images, targets,
-                                       params=self.params, grad_clip=self.grad_clip, use_amp=self.use_amp)
+                                       params=self.params, grad_clip=GRAD_CLIP, use_amp=self.use_amp)
         return timer() - start
 
     @torch.no_grad()
@@ -273,27 +262,24 @@ def run_model_bench(base: DetectorConfig, settings: ModelBenchSettings, *, progr
                 ", reset after imports" if probe["peak_reset_after_imports"] else ", imports included")
 
     frame = pd.DataFrame(rounds)
-    train = frame.pivot(index="round", columns="variant", values="train_s")
-    infer = frame.pivot(index="round", columns="variant", values="infer_s")
-    train_ratio = train.div(train[BASELINE], axis=0)
-    throughput_ratio = 1.0 / infer.div(infer[BASELINE], axis=0)
-    quartiles = lambda column: column.quantile([0.25, 0.5, 0.75]).tolist()  # noqa: E731  linear, as numpy
+    train, infer = (frame.pivot(index="round", columns="variant", values=v) for v in ("train_s", "infer_s"))
+    figures = {}
+    for key, values in (("train_step_s", train), ("infer_batch_s", infer),
+                        ("train_time_ratio", train.div(train[BASELINE], axis=0))):
+        q = values.quantile([0.25, 0.5, 0.75])  # linear interpolation, as numpy's percentile
+        figures.update({f"{key}_q25": q.loc[0.25], key: q.loc[0.5], f"{key}_q75": q.loc[0.75]})
+    figures["infer_throughput_ratio"] = (1.0 / infer.div(infer[BASELINE], axis=0)).median()
     table, results = variants(), []
     for name in names:
-        (tq25, tmed, tq75), (iq25, imed, iq75) = quartiles(train[name]), quartiles(infer[name])
-        rq25, rmed, rq75 = quartiles(train_ratio[name])
-        base_peak, base_idle = peak[BASELINE], idle[BASELINE]
         above_idle = None
-        if idle[name] is not None and base_peak - base_idle > 0:
-            above_idle = (peak[name] - idle[name]) / (base_peak - base_idle)
+        if idle[name] is not None and peak[BASELINE] - idle[BASELINE] > 0:
+            above_idle = (peak[name] - idle[name]) / (peak[BASELINE] - idle[BASELINE])
+        fig = {k: float(v[name]) for k, v in figures.items()}
         results.append(VariantResult(
             variant=name, flags={c.name: on for c, on in zip(components(), table.get(name, table[BASELINE]))},
-            num_params=num_params[name], train_step_s=tmed, train_step_s_q25=tq25, train_step_s_q75=tq75,
-            infer_batch_s=imed, infer_batch_s_q25=iq25, infer_batch_s_q75=iq75,
-            infer_images_per_s=settings.batch_size / imed, peak_memory_mb=peak[name], idle_memory_mb=idle[name],
-            memory_method=method[name], train_time_ratio=rmed, train_time_ratio_q25=rq25, train_time_ratio_q75=rq75,
-            infer_throughput_ratio=float(throughput_ratio[name].median()),
-            memory_ratio=peak[name] / base_peak if peak[name] is not None and base_peak else None,
+            num_params=num_params[name], **fig, infer_images_per_s=settings.batch_size / fig["infer_batch_s"],
+            peak_memory_mb=peak[name], idle_memory_mb=idle[name], memory_method=method[name],
+            memory_ratio=peak[name] / peak[BASELINE] if peak[name] is not None and peak[BASELINE] else None,
             memory_above_idle_ratio=above_idle, final_loss=final_loss[name]))
     return ModelBenchResult(rows=results, rounds=rounds)
 
@@ -311,45 +297,26 @@ def bench_metrics(results: Sequence[VariantResult]) -> dict[str, float]:
 
 
 def cpu_memory_probe(cfg: DetectorConfig, settings: ModelBenchSettings) -> dict[str, float]:
-    """{"peak_rss_mb", "idle_rss_mb", "peak_reset_after_imports"} of a fresh Python process
+    """{"peak_rss_mb", "idle_rss_mb", "peak_reset_after_imports"} of a fresh (spawned) process
     running `cfg` on the benchmark batch with this process's torch thread count."""
-    request = {"detector": to_plain(cfg), "settings": dataclasses.asdict(settings),
-               "num_threads": torch.get_num_threads()}
-    proc = subprocess.run([sys.executable, "-c", "import harness.bench.model as m; m.probe_main()"],
-                          input=json.dumps(request), capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"CPU memory probe for {cfg.backbone} failed: {tail[0]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_probe, cfg, settings, torch.get_num_threads()).result()
 
 
-def _peak_rss_mb() -> float:
-    """The peak resident set since start or the last reset: VmHWM, else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))  # kB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def probe_main() -> None:
-    """The probe process: request JSON on stdin, result JSON on stdout."""
+def _probe(cfg: DetectorConfig, settings: ModelBenchSettings, num_threads: int) -> dict[str, float]:
     import psutil
 
-    request = json.loads(sys.stdin.read())
-    torch.set_num_threads(int(request["num_threads"]))
-    import detectors.build  # noqa: F401  (imports belong to the idle figure, not to the model)
+    import detectors.build  # noqa: F401  (its imports belong to the idle figure, not to the model)
 
+    torch.set_num_threads(num_threads)
     gc.collect()
-    try:  # Linux >= 4.0: writing 5 to clear_refs resets the peak RSS
+    try:  # Linux >= 4.0: writing 5 to clear_refs resets the peak RSS (VmHWM)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         reset = True
     except OSError:
         reset = False
-    idle = psutil.Process().memory_info().rss / 2**20
-    cfg = from_mapping(DetectorConfig, request["detector"], "detector")
-    settings = ModelBenchSettings(**request["settings"])
+    idle = psutil.Process().memory_info().rss / 2**20  # imports done: Python, torch, torchvision
     images, targets = synthetic_batch(
         batch_size=settings.batch_size, image_height=settings.image_height, image_width=settings.image_width,
         num_classes=cfg.num_classes, boxes_per_image=settings.boxes_per_image, seed=settings.seed)
@@ -357,4 +324,10 @@ def probe_main() -> None:
     for _ in range(1 + settings.memory_steps):
         runner.train_step(images, targets)
         runner.infer(images)
-    print(json.dumps({"peak_rss_mb": _peak_rss_mb(), "idle_rss_mb": idle, "peak_reset_after_imports": reset}))
+    try:
+        with open("/proc/self/status") as f:
+            peak = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), None)  # kB
+    except OSError:
+        peak = None
+    return {"peak_rss_mb": peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "idle_rss_mb": idle, "peak_reset_after_imports": reset}

@@ -34,6 +34,13 @@ class Results:
     harness: Any = None  # HarnessCost
 
 
+def input_size(cfg) -> tuple[int, int]:
+    """(height, width) of a TrainConfig's images: the synthetic set's side, else min/max size."""
+    if cfg.data.kind == "synthetic":
+        return cfg.data.synthetic.image_size, cfg.data.synthetic.image_size
+    return cfg.detector.min_size, cfg.detector.max_size
+
+
 def measure(plan: Plan, progress: Progress = quiet) -> Results:
     """Run the plan's parts in order; the sampler's share is of the +iou_balanced_sampling step."""
     out, s, det = Results(), plan.settings, plan.detector

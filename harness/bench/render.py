@@ -2,7 +2,6 @@
 sections a bench study's trial logs, and the summary printed at the end (tables via pandas)."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -199,38 +198,13 @@ def write_report(out_dir: Path, plan: Plan, res: Results, *, machine: dict, head
     path = out_dir / f"{plan.name}.md"
     path.write_text("\n".join(md + [""]))
     tables = {"": res.model and [r.as_row() for r in res.model.rows], "-rounds": res.model and res.model.rounds,
-              "-sampler": res.sampler and [dataclasses.asdict(res.sampler)],
-              "-cocoeval": res.cocoeval and [{**{k: v for k, v in dataclasses.asdict(r).items() if k != "stats"},
+              "-sampler": res.sampler and [res.sampler._asdict()],
+              "-cocoeval": res.cocoeval and [{**{k: v for k, v in r._asdict().items() if k != "stats"},
                                               **dict(zip(STAT_NAMES, r.stats))} for r in res.cocoeval],
-              "-harness": res.harness and [dataclasses.asdict(t) for t in res.harness.trials]}
+              "-harness": res.harness and [t._asdict() for t in res.harness.trials]}
     files = [path]
     for suffix, rows in tables.items():
         if rows:
             files.append(out_dir / f"{plan.name}{suffix}.csv")
             pd.DataFrame(rows).to_csv(files[-1], index=False)
     return files
-
-
-def summary(res: Results) -> str:
-    """The few lines printed at the end of `libra bench`."""
-    lines = []
-    if res.model:
-        lines.append(pd.DataFrame([{"variant": r.variant, "train s/step": f"{r.train_step_s:.4f}",
-                                    "ratio": f"{r.train_time_ratio:.3f}", "img/s": f"{r.infer_images_per_s:.2f}",
-                                    "img/s ratio": f"{r.infer_throughput_ratio:.3f}",
-                                    "peak MB": fmt(r.peak_memory_mb, ".0f"), "MB ratio": fmt(r.memory_ratio)}
-                                   for r in res.model.rows]).to_string(index=False))
-    if res.sampler:
-        sp = res.sampler
-        lines.append(f"sampler: vectorised {sp.vectorised_us:.0f} us/image, per-bin loop {sp.loop_us:.0f} us, random "
-                     f"{sp.random_us:.0f} us" + ("" if sp.share_of_step_pct is None
-                                                 else f", {sp.share_of_step_pct:.3f}% of a step"))
-    for r in res.cocoeval or []:
-        lines.append(f"cocoeval {r.backend}: {r.total_s:.1f} s ({r.speedup:.1f}x), stats {_agreement(r)} "
-                     f"(max abs diff {r.max_abs_diff_vs_pycocotools:.2g})")
-    if res.harness:
-        hc = res.harness
-        lines.append(f"harness {hc.study}: {hc.num_trials} trials in {hc.wall_s:.0f} s on {hc.slots} slots, ideal "
-                     f"{hc.ideal_s:.0f} s (x{hc.wall_over_ideal:.3f}); set-up {hc.setup_s:.0f} s, trial overhead "
-                     f"{hc.trial_overhead_s:.0f} slot-s, tracking {hc.tracking_s:.0f} slot-s")
-    return "\n".join(lines)

@@ -4,7 +4,7 @@ timed interleaved with torch.utils.benchmark.Timer."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import namedtuple
 from typing import Optional
 
 import torch
@@ -72,27 +72,13 @@ def realistic_negatives(*, num_proposals: int = 2000, num_gt: int = 7, image_hei
     return max_ious[max_ious < neg_iou_thr].to(device), rois_per_image - num_pos
 
 
-@dataclass(frozen=True)
-class SamplerResult:
-    """Per-image sampler times (medians and IQRs over calls, microseconds), shares of a step."""
-
-    device: str
-    num_candidates: int  # negatives in the image
-    num_expected: int  # negatives drawn
-    reps: int
-    vectorised_us: float  # detectors.sampling.iou_balanced_neg_sample
-    vectorised_us_q25: float
-    vectorised_us_q75: float
-    loop_us: float  # iou_balanced_neg_sample_loop
-    loop_us_q25: float
-    loop_us_q75: float
-    random_us: float  # the baseline's randperm draw, what IoU-balanced sampling replaces
-    speedup_vs_loop: float
-    batch_size: Optional[int] = None  # images per training step (for the shares below)
-    train_step_s: Optional[float] = None  # the +iou_balanced_sampling variant's median step
-    share_of_step_pct: Optional[float] = None  # batch_size * vectorised / train step, in %
-    extra_over_random_pct: Optional[float] = None  # batch_size * (vectorised - random) / step, in %
-    loop_share_of_step_pct: Optional[float] = None
+# Per-image sampler times in microseconds (medians and IQRs over calls): vectorised is
+# detectors.sampling.iou_balanced_neg_sample, loop iou_balanced_neg_sample_loop, random the baseline's
+# randperm draw; with batch_size (images per step) and train_step_s (the +iou_balanced_sampling
+# median step), the shares of a training step in %: batch_size x (vectorised | vectorised - random | loop) / step.
+SamplerResult = namedtuple("SamplerResult", "device num_candidates num_expected reps vectorised_us vectorised_us_q25 "
+                           "vectorised_us_q75 loop_us loop_us_q25 loop_us_q75 random_us speedup_vs_loop batch_size "
+                           "train_step_s share_of_step_pct extra_over_random_pct loop_share_of_step_pct")
 
 
 def run_sampler_bench(*, device: str = "cpu", reps: int = 200, warmup: int = 10, num_proposals: int = 2000,
@@ -104,6 +90,7 @@ def run_sampler_bench(*, device: str = "cpu", reps: int = 200, warmup: int = 10,
     each, the three taking turns call by call (the order rotated), so drift hits all alike.
     With `batch_size` and `train_step_s` (a step's median with the sampler on) the shares of a
     training step are given. The defaults are the paper's RPN output and R-CNN batch."""
+    import pandas as pd
     from torch.utils.benchmark import Timer
 
     from detectors.sampling import iou_balanced_neg_sample
@@ -112,24 +99,21 @@ def run_sampler_bench(*, device: str = "cpu", reps: int = 200, warmup: int = 10,
     max_ious, num_expected = realistic_negatives(
         num_proposals=num_proposals, rois_per_image=rois_per_image, positive_fraction=positive_fraction,
         image_height=image_height, image_width=image_width, seed=seed, device=dev)
-    stmts = {"vectorised": "iou_balanced_neg_sample(max_ious, n, num_bins=k)",
-             "loop": "iou_balanced_neg_sample_loop(max_ious, n, num_bins=k)",
-             "random": "torch.randperm(max_ious.numel(), device=max_ious.device)[:n]"}
-    scope = {"iou_balanced_neg_sample": iou_balanced_neg_sample, "torch": torch, "max_ious": max_ious,
-             "iou_balanced_neg_sample_loop": iou_balanced_neg_sample_loop, "n": num_expected, "k": num_bins}
+    calls = {"vectorised": lambda: iou_balanced_neg_sample(max_ious, num_expected, num_bins=num_bins),
+             "loop": lambda: iou_balanced_neg_sample_loop(max_ious, num_expected, num_bins=num_bins),
+             "random": lambda: torch.randperm(max_ious.numel(), device=dev)[:num_expected]}
     # Timer syncs CUDA around the call; it would time on one thread unless told otherwise.
-    timers = {k: Timer(s, globals=scope, num_threads=torch.get_num_threads()) for k, s in stmts.items()}
-    times: dict[str, list[float]] = {k: [] for k in stmts}
-    keys = list(stmts)
+    timers = {k: Timer("f()", globals={"f": f}, num_threads=torch.get_num_threads()) for k, f in calls.items()}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    keys = list(calls)
     progress(f"[sampler] {max_ious.numel()} negatives, drawing {num_expected}, {reps} reps on {dev}")
     for r in range(warmup + reps):
         for key in keys[r % 3:] + keys[: r % 3]:
             seconds = timers[key].timeit(1).median
             if r >= warmup:
                 times[key].append(seconds * 1e6)
-    (vq25, vmed, vq75), (lq25, lmed, lq75) = (torch.tensor(times[k], dtype=torch.float64).quantile(
-        torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist() for k in ("vectorised", "loop"))
-    rmed = float(torch.tensor(times["random"], dtype=torch.float64).quantile(0.5))
+    quartiles = pd.DataFrame(times).quantile([0.25, 0.5, 0.75])  # [3, sampler], linear interpolation
+    (vq25, vmed, vq75), (lq25, lmed, lq75), (_, rmed, _) = (quartiles[k].tolist() for k in keys)
     shares = [None] * 3
     if batch_size and train_step_s:
         shares = [100.0 * batch_size * us / (train_step_s * 1e6) for us in (vmed, vmed - rmed, lmed)]

@@ -2,11 +2,10 @@
 this process (harness.trial runs it as a Ray task holding the trial's resources)."""
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from harness.bench.model import ModelBenchSettings, bench_metrics
-from harness.bench.plan import PARTS, Plan, measure
+from harness.bench.plan import PARTS, Plan, input_size, measure
 from harness.bench.render import sections
 
 
@@ -26,12 +25,7 @@ def run_bench_trial(payload: dict) -> dict:
     torch.set_num_threads(int(payload["num_threads"]))
     cfg, opts = TrainConfig.from_dict(payload["config"]), payload["bench"]
     device = str(resolve_device(cfg.schedule.device))  # "auto" as training resolves it
-    if opts.get("image_size"):
-        h, w = opts["image_size"]
-    elif cfg.data.kind == "synthetic":
-        h = w = cfg.data.synthetic.image_size
-    else:
-        h, w = cfg.detector.min_size, cfg.detector.max_size
+    h, w = opts.get("image_size") or input_size(cfg)
     settings = ModelBenchSettings(image_height=h, image_width=w, batch_size=opts.get("batch") or cfg.schedule.batch_size,
                                   iters=opts["iters"], warmup=opts["warmup"], device=device, amp=bool(opts["amp"]),
                                   seed=cfg.schedule.seed, memory=opts["memory"])
@@ -40,7 +34,7 @@ def run_bench_trial(payload: dict) -> dict:
     results = measure(plan)
     metrics = bench_metrics(results.model.rows) if results.model else {}
     if results.sampler:
-        metrics.update({f"bench.sampler.{k}": float(v) for k, v in dataclasses.asdict(results.sampler).items()
+        metrics.update({f"bench.sampler.{k}": float(v) for k, v in results.sampler._asdict().items()
                         if k in ("vectorised_us", "loop_us", "random_us", "speedup_vs_loop", "share_of_step_pct",
                                  "extra_over_random_pct") and v is not None})
     return {"final": {"bench_seconds": time.perf_counter() - start}, "metrics": metrics,

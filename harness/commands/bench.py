@@ -1,20 +1,15 @@
 """Measure what Libra's components cost against the baseline, side by side in one run.
 
-Model: the baseline, each component alone and all of them together are built from one detector
-configuration with the same seed and fed the same synthetic batch; after warm-up they take
-turns (one training step and one inference batch each per round, the order rotated every
-round), and the report gives medians, IQRs and ratios to the baseline of the training step
-time, the inference images/s and the peak memory (CUDA allocator peak on a GPU; on the CPU the
-peak resident set of a fresh process per variant). Sampler: the vectorised IoU-balanced sampler
-against a per-bin loop and against its share of a training step. COCOeval: pycocotools against
-faster-coco-eval (when installed) on a COCO-val-sized synthetic result set, numbers compared.
-Harness: runs the quick-start study (libra run) in a fresh work dir and splits its wall time
-into set-up, trial overhead, training, evaluation and tracking, against the ideal of the trials'
-training and evaluation time divided by the parallel slots.
+Parts: model (the baseline, each component alone and all on, built from one configuration with
+one seed and fed one synthetic batch, taking turns round after round: training step time,
+inference images/s, peak memory, as medians, IQRs and paired ratios to the baseline); sampler
+(the vectorised IoU-balanced sampler against a per-bin loop, and its share of a training step);
+cocoeval (pycocotools against faster-coco-eval on a COCO-val-sized synthetic set, numbers
+compared); harness (the quick-start study run end to end, its wall time taken apart against the
+ideal of its training and evaluation time over the parallel slots).
 
-Presets: cpu-quickstart (the detector of configs/cpu_small.yaml, read at run time) and paper
-(ResNet-50-FPN, 800x1333, batch 2: the paper's and mmdetection's setting; use it on a GPU,
-e.g. `libra bench --preset paper --device cuda --amp`). Writes <out>/<name>.md and .csv files.
+Presets: cpu-quickstart (the detector of configs/cpu_small.yaml) and paper (ResNet-50-FPN,
+800x1333, batch 2: the paper's setting, for a GPU). Writes <out>/<name>.md and .csv files.
 """
 from __future__ import annotations
 
@@ -23,7 +18,6 @@ import dataclasses
 import datetime
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -110,7 +104,7 @@ def plan_from_args(args: argparse.Namespace):
     from detectors.config import ConfigError, DetectorConfig
     from detectors.engine import resolve_device
     from harness.bench.model import ModelBenchSettings
-    from harness.bench.plan import PARTS, Plan
+    from harness.bench.plan import PARTS, Plan, input_size
     from harness.overrides import load_train_config
 
     try:
@@ -143,8 +137,7 @@ def plan_from_args(args: argparse.Namespace):
         path = args.config or _repo_file(QUICKSTART_CONFIG)
         cfg = load_train_config(path)
         detector, threads, batch = cfg.detector, cfg.schedule.num_threads, cfg.schedule.batch_size
-        side = cfg.data.synthetic.image_size if cfg.data.kind == "synthetic" else None
-        image_hw = (side, side) if side else (detector.min_size, detector.max_size)
+        image_hw = input_size(cfg)
         preset = Path(args.config).stem if args.config else preset
         source = f"detector, images and batch from {args.config or QUICKSTART_CONFIG}"
     changes = {k: v for k, v in (("backbone", args.backbone), ("min_size", args.min_size),
@@ -179,21 +172,6 @@ def plan_from_args(args: argparse.Namespace):
                 args.cocoeval_repeats, study, tuple(args.study_set)), args.threads or threads
 
 
-def _command(args: argparse.Namespace) -> str:
-    """The command line: the real one under `libra`, else rebuilt from the options set."""
-    if sys.argv[1:2] == ["bench"]:
-        return "libra bench " + shlex.join(sys.argv[2:])
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    words = ["libra", "bench"]
-    for action in parser._actions[1:]:  # after --help
-        value = getattr(args, action.dest)
-        if value != action.default:
-            words += [action.option_strings[-1]] + ([] if value is True else [str(v) for v in (
-                value if isinstance(value, list) else [value])])
-    return shlex.join(words)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -218,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     machine["load_average_1_5_15_at_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     header = (f"# Benchmark `{plan.name}`\n\nGenerated {started_at:%Y-%m-%d %H:%M} UTC in {elapsed:.0f} s by:\n\n"
-              f"```\n{_command(args)}\n```")
+              f"```\nlibra {shlex.join(args._argv)}\n```")
     files = write_report(out_dir, plan, results, machine=machine, header=header)
     print(f"\n{sections(plan, results)}")
     print(f"done in {elapsed:.0f} s; wrote " + ", ".join(str(f) for f in files))
