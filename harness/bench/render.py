@@ -152,12 +152,13 @@ def _targets(plan: Plan, res: Results) -> list[str]:
         where = "GPU at the paper's settings" if at_paper else (
             f"{s.device.split(':')[0].upper()}, {plan.preset}: the target is stated for a GPU at the paper's settings, "
             "this is the same ratio on this configuration")
+        every = f"All {count_word()} components"
         undecided = libra.train_time_ratio_q25 <= TARGET_TRAIN_RATIO <= libra.train_time_ratio_q75
-        lines += [f"- All {count_word()} components, training step time: x{libra.train_time_ratio:.3f} of the baseline (paired IQR "
+        lines += [f"- {every}, training step time: x{libra.train_time_ratio:.3f} of the baseline (paired IQR "
                   f"{libra.train_time_ratio_q25:.3f} to {libra.train_time_ratio_q75:.3f}); target at most "
                   f"x{TARGET_TRAIN_RATIO:.2f}: {met(libra.train_time_ratio <= TARGET_TRAIN_RATIO)}"
                   + (" by the median, but the IQR straddles the target" if undecided else "") + f" ({where}).",
-                  f"- All {count_word()} components, inference throughput: x{libra.infer_throughput_ratio:.3f} of the baseline; "
+                  f"- {every}, inference throughput: x{libra.infer_throughput_ratio:.3f} of the baseline; "
                   f"target at least x{TARGET_INFER_RATIO:.2f}: {met(libra.infer_throughput_ratio >= TARGET_INFER_RATIO)}."]
         if CONTROL in rows:
             c = rows[CONTROL]
@@ -165,7 +166,7 @@ def _targets(plan: Plan, res: Results) -> list[str]:
                          f"{c.train_time_ratio_q25:.3f} to {c.train_time_ratio_q75:.3f}), inference "
                          f"x{c.infer_throughput_ratio:.3f}.")
         if libra.memory_ratio is not None:
-            lines.append(f"- All {count_word()} components, peak memory: x{libra.memory_ratio:.3f} of the baseline "
+            lines.append(f"- {every}, peak memory: x{libra.memory_ratio:.3f} of the baseline "
                          f"({libra.peak_memory_mb - rows[BASELINE].peak_memory_mb:+.0f} MB); reported, no target.")
     if res.sampler and res.sampler.share_of_step_pct is not None:
         sp = res.sampler
