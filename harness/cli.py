@@ -134,6 +134,7 @@ def _is_user_error(err: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # --help exits here, before torch is imported below
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # what the user typed, for the records
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:

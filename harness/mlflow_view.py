@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Optional
 
 from detectors.components import components
 from harness.spec import Study, TrialPlan, component_codes, flatten, render_value, short_names

@@ -418,10 +418,14 @@ class Study:
 
     @property
     def metric(self) -> str:
+        if self.spec.bench is not None:
+            return "bench_seconds"  # a bench trial's one number for Optuna: how long it measured
         return self.spec.search.metric if self.spec.search else "bbox_mAP"
 
     @property
     def direction(self) -> str:
+        if self.spec.bench is not None:
+            return "minimize"
         return self.spec.search.direction if self.spec.search else "maximize"
 
     @property
@@ -452,7 +456,9 @@ class Study:
         return points
 
     def trials(self) -> list[TrialPlan]:
-        """A grid's trials: every point times every seed."""
+        """A grid's trials: every point times every seed; a bench's one trial."""
+        if self.spec.bench is not None:
+            return [self.bench_trial()]
         if self.spec.grid is None:
             raise TypeError("a search's trials come from Optuna; use make_trial")
         return [self.make_trial(point, seed) for point in self.grid_points() for seed in self.seeds]

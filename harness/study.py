@@ -1,7 +1,8 @@
 """The driver: runs a study's trials on Ray, bounded, retried and resumable; the only writer to
 MLflow and Optuna.
 
-One loop for grids and searches: a source hands out (trial plan, Optuna trial) pairs while
+One loop for grids, searches and benches (a bench study's one trial measures, harness.bench,
+instead of training): a source hands out (trial plan, Optuna trial) pairs while
 there is room; each trial is launched on Ray (harness.trial); the driver drains the epochs'
 metrics from the mailbox actor into MLflow and the Optuna trial (which may prune), and records
 each trial's end: finished, pruned, or failed after `max_retries` more attempts.
@@ -246,7 +247,7 @@ class _Driver:
 
         self.mailbox = Mailbox.remote()
         self.tracker.start_parent(self.work_dir, self.opts.argv, describe(self.study, self.opts))
-        source = _GridSource(self) if self.study.kind == "grid" else _SearchSource(self)
+        source = _SearchSource(self) if self.study.kind == "search" else _GridSource(self)
         self.progress = Progress(source.total, self.metric, self.study.direction,
                                  stream=self.out)
         self.progress.skipped(source.already, "already done in an earlier run (not trained again)")
@@ -319,6 +320,7 @@ class _Driver:
             "cpus_per_worker": res.cpus_per_worker, "gpus_per_worker": res.gpus_per_worker,
             "ray_storage": os.path.join(self.work_dir, "ray"), "mailbox": self.mailbox,
             "prunable": self.prunable,
+            "bench": self.study.spec.bench.model_dump() if self.study.spec.bench else None,
         }
         running.ref = launch(payload)
         self.refs[running.ref] = running
@@ -378,6 +380,8 @@ class _Driver:
                                   running.attempt)
         value = final.get(self.metric)
         search.tell_complete(self.ostudy, running.otrial, value)
+        if "markdown" in result:  # a bench trial's figures, as `libra bench` prints them
+            print(f"\n{result['markdown']}", file=self.out)
         record = TrialRecord(running.run_id, "finished", dict(final))
         self._done(running, record, "finished", value)
 
@@ -492,12 +496,14 @@ class _Driver:
                   file=out)
         print("", file=out)
         # The same table `libra report` writes; failed and pruned trials are listed under it.
-        table = render_markdown_table(frame, self.study)
-        print(table, file=out)
-        # The parent run says which trial is best and keeps the closing table (mlflow_view).
-        client, parent = self.tracker.client, self.tracker.parent_id
-        mlflow_view.log_summary(client, parent, table)
-        mlflow_view.mark_best(client, parent, tidy_runs(frame), self.metric, self.study.direction)
+        if self.study.kind != "bench":  # a bench's results were printed when it finished
+            table = render_markdown_table(frame, self.study)
+            print(table, file=out)
+            # The parent run says which trial is best and keeps the closing table (mlflow_view).
+            client, parent = self.tracker.client, self.tracker.parent_id
+            mlflow_view.log_summary(client, parent, table)
+            mlflow_view.mark_best(client, parent, tidy_runs(frame), self.metric,
+                                  self.study.direction)
         print(f"\nMLflow: {self.tracker.uri} (experiment {self.tracker.experiment_name!r})\n"
               + mlflow_view.browse_hint(self.tracker.uri, self.tracker.experiment_id), file=out)
         if self.counts["failed"]:
@@ -514,8 +520,6 @@ def run_study(study: Study, opts: RunOptions) -> int:
     work_dir = os.path.abspath(opts.work_dir)
     os.makedirs(work_dir, exist_ok=True)
     tracker = Tracker(study, work_dir, opts.tracking_uri)
-    if study.kind == "bench":
-        return _run_bench(study, opts, work_dir, tracker)
     where_stored = stores.study_stores(study, work_dir=work_dir, optuna_storage=opts.optuna_storage)
     storage_url = where_stored.optuna_storage
     ostudy = search.open_study(study, work_dir, storage_url)
@@ -545,91 +549,6 @@ def run_study(study: Study, opts: RunOptions) -> int:
             import ray
 
             ray.shutdown()
-
-
-def _run_bench(study: Study, opts: RunOptions, work_dir: str, tracker: Tracker) -> int:
-    """A bench study: its one trial (harness.bench.run_bench_trial) as a Ray task holding the
-    trial's CPU/GPU share, recorded like any trial under a parent run; finished means not rerun."""
-    from harness.trial import failure_reason
-
-    out = opts.stream or sys.stdout
-    plan = study.bench_trial()
-    bench = study.spec.bench
-    res = study.spec.resources
-    max_retries = study.spec.max_retries if opts.max_retries is None else opts.max_retries
-    started, where = _connect_ray(opts.address, opts.verbose)
-    previous_term = signal.getsignal(signal.SIGTERM)
-    try:
-        import ray
-
-        plan_concurrency(study, _alive_nodes(), where)  # fails in one line when it cannot be placed
-        print(f"libra run: {study.name} (bench: {', '.join(bench.what)}), {res.describe()} on {where}",
-              file=out)
-        print(f"  work dir  {work_dir}", file=out)
-        print(f"  MLflow    {tracker.uri} (experiment {tracker.experiment_name!r})", file=out)
-        if threading_main():
-            signal.signal(signal.SIGTERM, _raise_interrupt)
-        record = tracker.existing_trials().get(plan.key)
-        tracker.start_parent(work_dir, opts.argv, describe(study, opts))
-        counts = {"total": 1, "finished": 0, "failed": 0, "pruned": 0}
-        if record is not None and record.state == "finished":
-            print(f"  {plan.label} [{plan.key}]: already done in an earlier run (not run again)",
-                  file=out)
-            tracker.end_parent("FINISHED", counts, None)
-            return 0
-        extra = {f"bench.{k}": v for k, v in bench.model_dump().items()}
-        run_id = tracker.open_trial(plan, record, None, extra_params=extra)
-        payload = {"config": plan.config.to_dict(), "bench": bench.model_dump(), "seed": plan.seed,
-                   "num_threads": res.cpus_per_worker}
-        task = ray.remote(_bench_task).options(num_cpus=res.cpus_per_worker,
-                                               num_gpus=res.gpus_per_worker, max_retries=0,
-                                               name=f"bench-{plan.key}")
-        begun = time.monotonic()
-        attempt = 1
-        while True:
-            print(f"  {plan.label} [{plan.key}]: attempt {attempt} ...", file=out, flush=True)
-            ref = task.remote(payload)
-            try:
-                outcome = ray.get(ref)
-                break
-            except KeyboardInterrupt:
-                ray.cancel(ref, force=True)
-                tracker.end_trial(run_id, "interrupted", attempts=attempt)
-                tracker.end_parent("KILLED", counts, None)
-                raise
-            except Exception as err:  # the benchmark's own error, or its worker died
-                reason = failure_reason(err)
-                if attempt > max_retries:
-                    tracker.end_trial(run_id, "failed", attempts=attempt, reason=reason)
-                    counts["failed"] = 1
-                    tracker.end_parent("FAILED", counts, None)
-                    print(f"  failed: {plan.label}: {reason}\nfix the cause and re-run the same "
-                          "command to retry it", file=out)
-                    return 1
-                print(f"  retrying after: {reason}", file=out)
-                attempt += 1
-        tracker.finish_bench(run_id, outcome, time.monotonic() - begun, attempt)
-        counts["finished"] = 1
-        tracker.end_parent("FINISHED", counts, None)
-        print(f"\n{outcome['markdown']}\n", file=out)
-        from harness import mlflow_view
-
-        print(f"MLflow: {tracker.uri} (experiment {tracker.experiment_name!r}, run {run_id})\n"
-              + mlflow_view.browse_hint(tracker.uri, tracker.experiment_id), file=out)
-        return 0
-    finally:
-        if threading_main():
-            signal.signal(signal.SIGTERM, previous_term)
-        if started:
-            import ray
-
-            ray.shutdown()
-
-
-def _bench_task(payload: dict) -> dict:
-    from harness.bench import run_bench_trial
-
-    return run_bench_trial(payload)
 
 
 def threading_main() -> bool:

@@ -52,7 +52,7 @@ resumed trial keeps its run, and so its first parent). Run name: the trial's lab
 A bench study (`bench:` instead of `grid:`/`search:`) has one child run, its one trial: params
 as above plus bench.* (the `bench:` options); tags as above (libra.params is {}); metrics once,
 at step 0: bench.<variant>.<figure> (harness.bench.bench_metrics), bench.sampler.<figure>,
-trial_wall_seconds; artifacts bench.md (the results as markdown tables) and config.yaml.
+bench_seconds (the measuring's own time, also its Optuna value), trial_wall_seconds; artifacts bench.md (the results as markdown tables) and config.yaml.
 
 Resume: a trial whose run is tagged finished is not run again; any other run with the same
 libra.trial_key is reused (its status set back to RUNNING), so MLflow never holds duplicates.
@@ -271,8 +271,7 @@ class Tracker:
                 return records
 
     def open_trial(self, plan: TrialPlan, existing: Optional[TrialRecord],
-                   optuna_number: Optional[int] = None,
-                   extra_params: Optional[Mapping[str, Any]] = None) -> str:
+                   optuna_number: Optional[int] = None) -> str:
         """The trial's run: reuse the one an earlier invocation left, else a new child run."""
         from mlflow.entities import Param
 
@@ -304,7 +303,8 @@ class Tracker:
                        "resources.cpus_per_worker": res.cpus_per_worker,
                        "resources.gpus_per_worker": res.gpus_per_worker})
         params.update(mlflow_view.param_aliases(plan, self.study))  # ibs, bfp, bl1, seed, ...
-        params.update(extra_params or {})
+        if self.study.spec.bench is not None:  # a bench trial also records its `bench:` options
+            params.update({f"bench.{k}": v for k, v in self.study.spec.bench.model_dump().items()})
         items = [Param(k, render_value(v)[:6000]) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run_id, params=items[start:start + 100])
@@ -344,6 +344,8 @@ class Tracker:
         """Summary metrics, artifacts and the finished state of a trial that trained to the end."""
         from mlflow.entities import Metric
 
+        if "markdown" in result:  # a bench study's trial (harness.bench.trial): figures, not epochs
+            return self.finish_bench(run_id, result, wall_seconds, attempts)
         history = list(result.get("history") or [])
         last_epoch = int(history[-1]["epoch"]) if history else 0
         totals = {
@@ -373,7 +375,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = _now_ms()
-        figures = {**outcome.get("metrics", {}), "trial_wall_seconds": wall_seconds}
+        figures = {**outcome.get("metrics", {}), **outcome.get("final", {}), "trial_wall_seconds": wall_seconds}
         items = [Metric(k, float(v), now, 0) for k, v in figures.items() if _is_number(v)]
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start:start + 1000])

@@ -133,6 +133,10 @@ def train(payload: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _single(payload: Mapping[str, Any]) -> dict[str, Any]:
+    if payload.get("bench") is not None:  # a bench study's trial: measured, not trained
+        from harness.bench.trial import run_bench_trial
+
+        return {"status": "finished", "result": run_bench_trial(dict(payload))}
     return train(payload)
 
 
@@ -173,7 +177,8 @@ def launch(payload: Mapping[str, Any]) -> "ray.ObjectRef":
 
     payload: trial_key, attempt, config (TrainConfig.to_dict()), out_dir (absolute),
     num_threads, workers, cpus_per_worker, gpus_per_worker, ray_storage (absolute), mailbox,
-    prunable (wait for the driver's verdict after each epoch).
+    prunable (wait for the driver's verdict after each epoch), bench (a bench study's `bench:`
+    block, or None: then the trial measures, harness.bench.trial, instead of training).
     """
     name = f"trial-{payload['trial_key']}"
     if payload["workers"] == 1:
