@@ -115,7 +115,7 @@ def _preflight(study, args: argparse.Namespace) -> None:
     if storage:
         source = preflight.value_source("--optuna-storage", args.optuna_storage,
                                         "tracking.optuna_storage", args.study, args.overrides)
-        preflight.check_optuna_storage(storage, source)
+        preflight.check_optuna_storage(storage, source, contact=not args.dry_run)
 
 
 def _command_line(args: argparse.Namespace) -> list[str]:
