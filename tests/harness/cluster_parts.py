@@ -275,5 +275,5 @@ class RayCluster:
     def stop(self) -> None:
         for ip in list(self.nodes):
             self.kill_node(ip)
-        _stop_group(self.head)
+        _stop_group(self.head, wait_s=8)  # SIGTERM lets `ray start` end its processes; then SIGKILL
         self.head = None
