@@ -126,6 +126,16 @@ class Waiter:
             return result
 
 
+def redacted(url: str) -> str:
+    """A database URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: show it as given
+        return url
+
+
 def _short(err: BaseException) -> str:
     text = " ".join(str(err).split())
     for item in _chain(err):  # the innermost reason is the readable one (connection refused)
@@ -142,7 +152,6 @@ def retrying_storage(storage: Any, what: str, stream: Optional[TextIO] = None) -
     """`storage` (an optuna BaseStorage, e.g. RDBStorage) with every call retried through an
     outage of its database. Optuna accepts any BaseStorage, so studies and trials use it as is."""
     from optuna.storages import BaseStorage
-    from optuna.trial import TrialState
 
     waiter = Waiter(what, stream)
 
@@ -156,19 +165,19 @@ def retrying_storage(storage: Any, what: str, stream: Optional[TextIO] = None) -
     names = {n for n in dir(BaseStorage) if not n.startswith("_")}
     attrs: dict[str, Any] = {n: delegate(n) for n in names}
 
-    def set_trial_state_values(self: Any, trial_id: int, state: TrialState,
-                               values: Any = None) -> bool:
-        def attempt(n: int) -> bool:
-            if n > 0:  # an earlier try may have committed before its reply was lost
-                current = storage.get_trial(trial_id)
-                if current.state == state and state.is_finished():
-                    return True
-            return storage.set_trial_state_values(trial_id, state, values)
-
-        return waiter.call(attempt)
+    def set_trial_state_values(self: Any, trial_id: int, state: Any, values: Any = None) -> bool:
+        return waiter.call(lambda n: set_state_attempt(storage, trial_id, state, values, n))
 
     attrs["set_trial_state_values"] = set_trial_state_values
     attrs["waiter"] = waiter
     attrs["inner"] = storage
     cls = type("RetryingStorage", (BaseStorage,), attrs)
     return cls()
+
+
+def set_state_attempt(storage: Any, trial_id: int, state: Any, values: Any, n: int) -> bool:
+    """Try `n` of finishing a trial: a retry (n > 0) first checks whether an earlier try
+    committed before its reply was lost, and then accepts the trial as it is."""
+    if n > 0 and state.is_finished() and storage.get_trial(trial_id).state == state:
+        return True
+    return storage.set_trial_state_values(trial_id, state, values)

@@ -53,7 +53,7 @@ def storage_for(work_dir: str, url: Optional[str] = None, *, source: str = "--op
     """A journal file under the work dir, or the RDB at `url` (e.g. postgresql://... on a
     cluster), whose calls ride out a restart of the database (harness.retry)."""
     if url:
-        from harness.retry import retrying_storage
+        from harness.retry import redacted, retrying_storage
 
         try:
             inner = optuna.storages.RDBStorage(sqlalchemy_url(url), engine_kwargs=engine_kwargs(url))
@@ -61,7 +61,7 @@ def storage_for(work_dir: str, url: Optional[str] = None, *, source: str = "--op
             raise UserError(f"{source} {url}: cannot open the Optuna database "
                             f"({' '.join(str(_root(err)).split())[:200]}); check the URL, that the "
                             "server runs and the database exists, or drop --optuna-storage") from None
-        return retrying_storage(inner, f"the Optuna database at {_redacted(url)}", stream)
+        return retrying_storage(inner, f"the Optuna database at {redacted(url)}", stream)
     from optuna.storages.journal import JournalFileBackend
 
     os.makedirs(work_dir, exist_ok=True)
@@ -73,16 +73,6 @@ def _root(err: BaseException) -> BaseException:
     while err.__cause__ is not None or err.__context__ is not None:
         err = err.__cause__ or err.__context__
     return err
-
-
-def _redacted(url: str) -> str:
-    """The URL without its password, for messages."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url
 
 
 def make_sampler(study: Study) -> optuna.samplers.BaseSampler:

@@ -178,7 +178,7 @@ class _UninterruptedClient:
 
     def __init__(self, client: Any, waiter: Optional[retry.Waiter] = None):
         self._client = client
-        self.waiter = waiter or retry.Waiter("the MLflow tracking store")
+        self.waiter = waiter  # None: no retries (a local SQLite file does not go away)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
@@ -191,7 +191,7 @@ class _UninterruptedClient:
                 with _signals_held():
                     return attr(*args, **kwargs)
 
-            return self.waiter.call(attempt)
+            return attempt(0) if self.waiter is None else self.waiter.call(attempt)
 
         return call
 
@@ -211,7 +211,7 @@ class _UninterruptedClient:
                         return found[0]
                 return self._client.create_run(experiment_id, tags=tags, run_name=run_name)
 
-        return self.waiter.call(attempt)
+        return attempt(0) if self.waiter is None else self.waiter.call(attempt)
 
 
 class Tracker:
@@ -236,10 +236,15 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         os.makedirs(work_dir, exist_ok=True)
-        what = (f"the MLflow server at {self.uri}" if self.uri.startswith(("http://", "https://"))
-                else f"the MLflow store {self.uri}")
-        self.client = _UninterruptedClient(MlflowClient(tracking_uri=self.uri),
-                                           retry.Waiter(what, stream))
+        # A server or a database server can restart under a long study: wait for it. A local
+        # SQLite file cannot, and its errors (a bad path, a corrupt file) must fail at once.
+        if self.uri.startswith(("http://", "https://")):
+            waiter: Optional[retry.Waiter] = retry.Waiter(f"the MLflow server at {self.uri}", stream)
+        elif "://" in self.uri and not self.uri.startswith(("sqlite:", "file:")):
+            waiter = retry.Waiter(f"the MLflow database {retry.redacted(self.uri)}", stream)
+        else:
+            waiter = None
+        self.client = _UninterruptedClient(MlflowClient(tracking_uri=self.uri), waiter)
         try:
             self.experiment_id = self._experiment(work_dir)
             mlflow_view.dress_experiment(self.client, self.experiment_id, study)
