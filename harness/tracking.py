@@ -235,6 +235,9 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+            # MLflow prints "View run ... at: URL" for every run it ends on a server, which
+            # interleaves with the progress view; the closing summary names the server.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.makedirs(work_dir, exist_ok=True)
         # A server or a database server can restart under a long study: wait for it. A local
         # SQLite file cannot, and its errors (a bad path, a corrupt file) must fail at once.
