@@ -15,12 +15,14 @@ are failed as interrupted (and a search's are queued again) before anything new 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import Any, Optional, Sequence, TextIO
 
@@ -90,6 +92,11 @@ def _connect_ray(address: Optional[str], verbose: bool = False) -> tuple[bool, s
         # interface; in its one-machine mode (the default on macOS and Windows, chosen by
         # this variable, read when Ray is imported) every server binds loopback instead.
         os.environ.setdefault(SINGLE_MACHINE_ENV, "0")
+    elif address and "ray" not in sys.modules:
+        # preflight.check_ray_address has seen a gRPC server there, so a GCS that keeps
+        # refusing is refusing us (a wrong token): Ray's 20 tries (a second or two each) would
+        # keep the user waiting half a minute. Read when Ray is imported; a user's value wins.
+        os.environ.setdefault("RAY_NUM_REDIS_GET_RETRIES", "5")
     import ray
 
     if ray.is_initialized():
@@ -100,17 +107,44 @@ def _connect_ray(address: Optional[str], verbose: bool = False) -> tuple[bool, s
         import detectors
         import harness
 
-        try:
-            # Ship this checkout's code, so the cluster runs exactly what the driver validated.
-            ray.init(address=address, runtime_env={"py_modules": [detectors, harness]}, **common)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise UserError(f"cannot join the Ray cluster at {address}: {' '.join(str(err).split())[:200]}; "
-                            "check --address / RAY_ADDRESS or drop it to run locally") from None
+        with tempfile.TemporaryFile(mode="w+b") as log:
+            try:
+                # Ray's C++ client logs each failed handshake to the terminal (fd 2, below
+                # Python's sys.stderr): kept in `log` unless --verbose, and read for the cause.
+                with contextlib.nullcontext() if verbose else _fd2_to(log):
+                    # Ship this checkout's code, so the cluster runs what the driver validated.
+                    ray.init(address=address, runtime_env={"py_modules": [detectors, harness]},
+                             **common)
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as err:
+                log.seek(0)
+                said = log.read().decode(errors="replace")
+                if isinstance(err, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in said:
+                    raise UserError(f"--address {address}: the Ray cluster refused this driver's "
+                                    "token; set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "
+                                    "cluster's token, from `ray get-auth-token` on the head "
+                                    "(docs/cluster.md)") from None
+                raise UserError(f"cannot join the Ray cluster at {address}: "
+                                f"{' '.join(str(err).split())[:200]}; check --address / RAY_ADDRESS "
+                                "or drop it to run locally") from None
         return True, f"Ray cluster at {address}"
     # A local cluster uses Ray's default token authentication; its notice about it is noise here.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", object_store_memory=256 * 1024 ** 2, **common)
     return True, "a local Ray cluster"
+
+
+@contextlib.contextmanager
+def _fd2_to(sink: Any) -> Any:
+    """Point file descriptor 2 (what C++ libraries write to) at `sink` for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _this_node() -> Any:

@@ -48,7 +48,7 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def _stop_group(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, wait_s: float = 20) -> None:
+def stop_group(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, wait_s: float = 20) -> None:
     if proc is None or proc.poll() is not None and not _group_alive(proc.pid):
         return
     with contextlib.suppress(ProcessLookupError):
@@ -154,7 +154,7 @@ class Postgres:
             return conn.execute(sql).fetchall()
 
     def stop(self) -> None:
-        _stop_group(self.proc, signal.SIGINT)  # SIGINT: PostgreSQL's "fast" shutdown
+        stop_group(self.proc, signal.SIGINT)  # SIGINT: PostgreSQL's "fast" shutdown
         self.proc = None
 
     def restart(self, down_s: float = 2.0) -> None:
@@ -202,7 +202,7 @@ class MlflowServer:
             return False
 
     def stop(self) -> None:
-        _stop_group(self.proc)
+        stop_group(self.proc)
         self.proc = None
 
 
@@ -243,7 +243,7 @@ class RayCluster:
 
     def kill_node(self, ip: str = "127.0.0.2") -> None:
         """SIGKILL the node's whole process group: its raylet and the workers on it."""
-        _stop_group(self.nodes.pop(ip, None), signal.SIGKILL)
+        stop_group(self.nodes.pop(ip, None), signal.SIGKILL)
 
     def alive_nodes(self) -> list[dict]:
         """[{"node_id", "ip", "cpus"}] of the cluster's alive nodes, from a separate driver."""
@@ -275,5 +275,5 @@ class RayCluster:
     def stop(self) -> None:
         for ip in list(self.nodes):
             self.kill_node(ip)
-        _stop_group(self.head, wait_s=8)  # SIGTERM lets `ray start` end its processes; then SIGKILL
+        stop_group(self.head, wait_s=8)  # SIGTERM lets `ray start` end its processes; then SIGKILL
         self.head = None

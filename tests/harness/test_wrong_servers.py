@@ -128,3 +128,37 @@ def test_optuna_storage_that_never_answers(study, tmp_path):
     line = _one_line_naming(proc, elapsed, "--optuna-storage", f"127.0.0.1:{port}/optuna",
                             "cannot connect")
     assert "secret" not in line  # the password is not printed
+
+
+def test_address_of_a_cluster_that_refuses_our_token(study, tmp_path):
+    # A real head with Ray's default token authentication, and a driver holding another token.
+    # Ray's client retries the handshake, logging each refusal: the user sees one line instead.
+    # This one may take longer than 15 s: Ray decides, after its (shortened) retries.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cluster_parts
+
+    env = cluster_parts.base_env()
+    env.pop("RAY_AUTH_MODE")
+    port = cluster_parts.free_port()
+    head = subprocess.Popen([cluster_parts.RAY, "start", "--block", "--head", "--port", str(port),
+                             "--num-cpus", "1", "--include-dashboard", "false",
+                             "--disable-usage-stats"], env=dict(env, RAY_AUTH_TOKEN="a" * 32),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the GCS port answers once the head is up
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.5)
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", study, "--work-dir",
+                               str(tmp_path / "work"), "--address", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, env=dict(env, RAY_AUTH_TOKEN="b" * 32),
+                              cwd=str(tmp_path), timeout=100)
+        elapsed = time.monotonic() - start
+    finally:
+        cluster_parts.stop_group(head, wait_s=5)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert f"--address 127.0.0.1:{port}" in lines[0] and "token" in lines[0], lines[0]
+    assert elapsed < 60, f"took {elapsed:.0f} s"
