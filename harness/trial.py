@@ -156,6 +156,7 @@ def _announce_node(payload: Mapping[str, Any]) -> None:
 
 def _single(payload: Mapping[str, Any]) -> dict[str, Any]:
     if payload.get("bench") is not None:  # a bench study's trial: measured, not trained
+        _announce_node(payload)
         from harness.bench.trial import run_bench_trial
 
         return {"status": "finished", "result": run_bench_trial(dict(payload))}
