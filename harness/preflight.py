@@ -98,12 +98,39 @@ def check_ray_address(address: str, flag: str = "--address") -> None:
         raise UserError(f"{flag} {address}: expected auto, HOST:PORT or ray://HOST:PORT "
                         "(e.g. 10.0.0.5:6379, ray://head:10001)")
     try:
-        with socket.create_connection((host.strip("[]"), int(port_text)), timeout=CONNECT_TIMEOUT_S):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port_text)), timeout=CONNECT_TIMEOUT_S) as conn:
+            speaks_grpc = _answers_http2(conn)
     except OSError as err:
         why = "timed out" if isinstance(err, socket.timeout) else _reason(err)
         raise UserError(f"{flag} {address}: nothing answers there ({why}); start the cluster "
                         "(ray start --head) or drop the flag to run on a local cluster") from None
+    if not speaks_grpc:
+        # Something else listens there (a web server, a database, MLflow): Ray would retry
+        # its GCS handshake for minutes, printing its connection log.
+        raise UserError(f"{flag} {address}: something answers there but it is not a Ray cluster "
+                        "(no gRPC reply); give the head's GCS address (port 6379 unless `ray start "
+                        "--head --port` chose another) or ray://HEAD:10001")
+
+
+# The client's HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _answers_http2(conn: socket.socket) -> bool:
+    """Whether the server on `conn` speaks HTTP/2, as Ray's GCS and client server (gRPC) do:
+    an HTTP/2 server's first frame is its SETTINGS frame (type 0x4, 9-byte header)."""
+    conn.settimeout(CONNECT_TIMEOUT_S)
+    try:
+        conn.sendall(_H2_PREFACE)
+        header = b""
+        while len(header) < 9:
+            chunk = conn.recv(9 - len(header))
+            if not chunk:
+                return False
+            header += chunk
+    except OSError:  # reset or silent: not a gRPC server
+        return False
+    return header[3] == 0x04
 
 
 MLFLOW_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql",
@@ -126,22 +153,43 @@ def check_tracking_uri(uri: str, source: str, *, contact: bool = True) -> None:
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S) as reply:
                 reply.read()
+        except urllib.error.HTTPError as err:  # something answers, but not MLflow's /health
+            raise UserError(f"{source} {uri}: the server there is not an MLflow tracking server "
+                            f"(its /health page answered HTTP {err.code}); give the MLflow "
+                            "server's address (mlflow server --host ... --port ...)") from None
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
             raise UserError(f"cannot reach MLflow tracking server at {uri} (given by {source}): "
                             f"{reason}; start it or drop {source}") from None
 
 
-def check_optuna_storage(url: str, source: str) -> None:
-    """A UserError naming `source` unless `url` is a database URL whose driver is installed.
+def sqlalchemy_url(url: str) -> str:
+    """`url` with an installed driver. To SQLAlchemy postgresql:// means psycopg2; this project
+    installs psycopg (3), so a bare postgresql:// gets +psycopg unless psycopg2 is installed."""
+    import importlib.util
 
-    Only the form: opening the database would create Optuna's tables.
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg"):
+            return "postgresql+psycopg://" + rest
+    return url
+
+
+def check_optuna_storage(url: str, source: str, *, contact: bool = False) -> None:
+    """A UserError naming `source` unless `url` is a database URL whose driver is installed;
+    with `contact`, unless one connection opens within CONNECT_TIMEOUT_S.
+
+    Only the form without `contact` (--dry-run): Optuna would create its tables on first use,
+    and a connection alone creates nothing.
     """
+    from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    from sqlalchemy.pool import NullPool
 
     try:
-        dialect = make_url(url).get_dialect()
+        parsed = make_url(sqlalchemy_url(url))
+        dialect = parsed.get_dialect()
     except NoSuchModuleError:  # (a subclass of ArgumentError)
         raise UserError(f"{source} {url}: no database driver for this scheme; use postgresql://, "
                         "mysql:// or sqlite:///") from None
@@ -152,7 +200,25 @@ def check_optuna_storage(url: str, source: str) -> None:
         dialect.import_dbapi() if hasattr(dialect, "import_dbapi") else dialect.dbapi()
     except ImportError as err:
         raise UserError(f"{source} {url}: its driver is not installed ({err.name or err}); "
-                        "pip install it (e.g. psycopg2-binary for postgresql)") from None
+                        "pip install it (e.g. psycopg[binary] for postgresql)") from None
+    if not contact or parsed.get_backend_name() == "sqlite":
+        return
+    shown = parsed.render_as_string(hide_password=True)
+    timeout = ({"connect_timeout": int(CONNECT_TIMEOUT_S)}
+               if parsed.get_backend_name() in ("postgresql", "mysql") else {})
+    engine = create_engine(parsed, connect_args=timeout, poolclass=NullPool)
+    try:
+        with engine.connect():
+            pass
+    except Exception as err:  # refused, timed out, no such database or role, bad password
+        reason = err
+        while reason.__cause__ is not None:
+            reason = reason.__cause__
+        text = " ".join(str(reason).split())
+        raise UserError(f"{source} {shown}: cannot connect to the Optuna database ({text[:200]}); "
+                        "start the server, create the database, or fix the URL") from None
+    finally:
+        engine.dispose()
 
 
 def value_source(flag: str, flag_value: Optional[str], key: str, study_path: str,

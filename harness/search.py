@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.errors import UserError
+from harness.preflight import sqlalchemy_url
 from harness.spec import Study
 
 KEY_ATTR = "libra.trial_key"
@@ -34,18 +35,44 @@ INTERRUPTED_ATTR = "libra.interrupted"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def storage_for(work_dir: str, url: Optional[str] = None) -> Any:
-    """A journal file under the work dir, or the RDB at `url` (e.g. postgresql://... on a cluster)."""
+CONNECT_TIMEOUT_S = 5  # a database on the cluster's network answers in milliseconds
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """Connections that notice a restarted server (pre-ping) and a silent one (a timeout)."""
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith(("postgresql", "postgres")):
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    elif url.startswith("mysql"):
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    return kwargs
+
+
+def storage_for(work_dir: str, url: Optional[str] = None, *, source: str = "--optuna-storage",
+                stream: Any = None) -> Any:
+    """A journal file under the work dir, or the RDB at `url` (e.g. postgresql://... on a
+    cluster), whose calls ride out a restart of the database (harness.retry)."""
     if url:
+        from harness.retry import redacted, retrying_storage
+
         try:
-            return optuna.storages.RDBStorage(url)
+            inner = optuna.storages.RDBStorage(sqlalchemy_url(url), engine_kwargs=engine_kwargs(url))
         except Exception as err:  # a bad URL, a missing driver, an unreachable server
-            raise UserError(f"cannot open Optuna storage {url}: {' '.join(str(err).split())[:300]}; "
-                            "check the URL or drop --optuna-storage") from None
+            raise UserError(f"{source} {url}: cannot open the Optuna database "
+                            f"({' '.join(str(_root(err)).split())[:200]}); check the URL, that the "
+                            "server runs and the database exists, or drop --optuna-storage") from None
+        return retrying_storage(inner, f"the Optuna database at {redacted(url)}", stream)
     from optuna.storages.journal import JournalFileBackend
 
     os.makedirs(work_dir, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(os.path.join(work_dir, "optuna.journal")))
+
+
+def _root(err: BaseException) -> BaseException:
+    """The innermost cause (psycopg's "connection refused" rather than SQLAlchemy's wrapping)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def make_sampler(study: Study) -> optuna.samplers.BaseSampler:
@@ -80,9 +107,10 @@ def make_pruner(study: Study, epochs: int) -> optuna.pruners.BasePruner:
                                           reduction_factor=3)
 
 
-def open_study(study: Study, work_dir: str, storage_url: Optional[str] = None) -> optuna.Study:
+def open_study(study: Study, work_dir: str, storage_url: Optional[str] = None,
+               stream: Any = None) -> optuna.Study:
     """Create or load (resume) the Optuna study; enqueue a search's first trials once."""
-    storage = storage_for(work_dir, storage_url)
+    storage = storage_for(work_dir, storage_url, stream=stream)
     epochs = int(study.base.get("schedule", {}).get("epochs", 12))
     ostudy = optuna.create_study(
         storage=storage, study_name=study.name, sampler=make_sampler(study),

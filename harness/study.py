@@ -15,12 +15,14 @@ are failed as interrupted (and a search's are queued again) before anything new 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import Any, Optional, Sequence, TextIO
 
@@ -32,6 +34,8 @@ from harness.progress import Progress
 from harness.spec import Study, TrialPlan, render_value, short_names
 from harness.tracking import Tracker, TrialRecord, trial_runs
 
+# "0": Ray's one-machine mode, every server on loopback (see _connect_ray).
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 POLL_S = 0.5  # how often the driver drains epoch metrics and answers prune questions
 
 
@@ -81,28 +85,75 @@ def plan_concurrency(study: Study, nodes: Sequence[dict[str, float]], where: str
 
 def _connect_ray(address: Optional[str], verbose: bool = False) -> tuple[bool, str]:
     """Start or join Ray; returns (whether this call started it, a description)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and "ray" not in sys.modules:
+        # Embedded mode is a one-machine cluster. Ray then resolves even an explicit
+        # 127.0.0.1 node address to the primary interface and its servers listen on every
+        # interface; in its one-machine mode (the default on macOS and Windows, chosen by
+        # this variable, read when Ray is imported) every server binds loopback instead.
+        os.environ.setdefault(SINGLE_MACHINE_ENV, "0")
+    elif address and "ray" not in sys.modules:
+        # preflight.check_ray_address has seen a gRPC server there, so a GCS that keeps
+        # refusing is refusing us (a wrong token): Ray's 20 tries (a second or two each) would
+        # keep the user waiting half a minute. Read when Ray is imported; a user's value wins.
+        os.environ.setdefault("RAY_NUM_REDIS_GET_RETRIES", "5")
     import ray
 
     if ray.is_initialized():
         return False, "the Ray instance this process already runs"
-    address = address or os.environ.get("RAY_ADDRESS")
     common = dict(include_dashboard=False, log_to_driver=verbose,
                   logging_level=logging.INFO if verbose else logging.WARNING)
     if address:
         import detectors
         import harness
 
-        try:
-            # Ship this checkout's code, so the cluster runs exactly what the driver validated.
-            ray.init(address=address, runtime_env={"py_modules": [detectors, harness]}, **common)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise UserError(f"cannot join the Ray cluster at {address}: {' '.join(str(err).split())[:200]}; "
-                            "check --address / RAY_ADDRESS or drop it to run locally") from None
+        with tempfile.TemporaryFile(mode="w+b") as log:
+            try:
+                # Ray's C++ client logs each failed handshake to the terminal (fd 2, below
+                # Python's sys.stderr): kept in `log` unless --verbose, and read for the cause.
+                with contextlib.nullcontext() if verbose else _fd2_to(log):
+                    # Ship this checkout's code, so the cluster runs what the driver validated.
+                    ray.init(address=address, runtime_env={"py_modules": [detectors, harness]},
+                             **common)
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as err:
+                log.seek(0)
+                said = log.read().decode(errors="replace")
+                if isinstance(err, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in said:
+                    raise UserError(f"--address {address}: the Ray cluster refused this driver's "
+                                    "token; set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "
+                                    "cluster's token, from `ray get-auth-token` on the head "
+                                    "(docs/cluster.md)") from None
+                raise UserError(f"cannot join the Ray cluster at {address}: "
+                                f"{' '.join(str(err).split())[:200]}; check --address / RAY_ADDRESS "
+                                "or drop it to run locally") from None
         return True, f"Ray cluster at {address}"
     # A local cluster uses Ray's default token authentication; its notice about it is noise here.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(address="local", object_store_memory=256 * 1024 ** 2, **common)
     return True, "a local Ray cluster"
+
+
+@contextlib.contextmanager
+def _fd2_to(sink: Any) -> Any:
+    """Point file descriptor 2 (what C++ libraries write to) at `sink` for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _this_node() -> Any:
+    """Pin to the driver's node: the mailbox must outlive any other node of the cluster (a
+    mailbox placed on a node that dies would take every running trial's reports with it)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def _alive_nodes() -> list[dict[str, float]]:
@@ -129,6 +180,7 @@ class _Running:
     attempt: int = 1
     ref: Any = None
     stop: bool = False  # the pruner asked it to stop
+    nodes: list[str] = dataclasses.field(default_factory=list)  # Ray node id of each attempt
 
 
 class _GridSource:
@@ -245,7 +297,7 @@ class _Driver:
 
         from harness.trial import Mailbox
 
-        self.mailbox = Mailbox.remote()
+        self.mailbox = Mailbox.options(scheduling_strategy=_this_node()).remote()
         self.tracker.start_parent(self.work_dir, self.opts.argv, describe(self.study, self.opts))
         source = _SearchSource(self) if self.study.kind == "search" else _GridSource(self)
         self.progress = Progress(source.total, self.metric, self.study.direction,
@@ -304,6 +356,9 @@ class _Driver:
             if value is not None and math.isfinite(value):
                 otrial.report(value, epoch)
         running = _Running(plan, otrial, run_id, set(logged), time.monotonic())
+        if record is not None:  # the nodes of an earlier invocation's attempts
+            earlier = self.tracker.client.get_run(run_id).data.tags.get("libra.node_ids", "")
+            running.nodes = [n for n in earlier.split(",") if n]
         self.by_key[plan.key] = running
         self.progress.started(plan.label, 1)
         self._start_attempt(running)
@@ -329,6 +384,10 @@ class _Driver:
         """Epoch metrics -> MLflow and Optuna; answer the workers that wait for a verdict."""
         import ray
 
+        for key, attempt, node_id, host in ray.get(self.mailbox.drain_placed.remote()):
+            running = self.by_key.get(key)
+            if running is not None and running.attempt == attempt:
+                running.nodes = self.tracker.placed(running.run_id, node_id, host, running.nodes)
         for key, attempt, metrics in ray.get(self.mailbox.drain.remote()):
             running = self.by_key.get(key)
             if running is None:
@@ -519,10 +578,10 @@ def run_study(study: Study, opts: RunOptions) -> int:
     _quiet()
     work_dir = os.path.abspath(opts.work_dir)
     os.makedirs(work_dir, exist_ok=True)
-    tracker = Tracker(study, work_dir, opts.tracking_uri)
+    tracker = Tracker(study, work_dir, opts.tracking_uri, stream=opts.stream)
     where_stored = stores.study_stores(study, work_dir=work_dir, optuna_storage=opts.optuna_storage)
     storage_url = where_stored.optuna_storage
-    ostudy = search.open_study(study, work_dir, storage_url)
+    ostudy = search.open_study(study, work_dir, storage_url, stream=opts.stream)
     recovered = search.recover_interrupted(ostudy, requeue=study.kind == "search")
     started, where = _connect_ray(opts.address, opts.verbose)
     previous_term = signal.getsignal(signal.SIGTERM)

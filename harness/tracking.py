@@ -37,7 +37,11 @@ resumed trial keeps its run, and so its first parent). Run name: the trial's lab
              (libra.flag.iou_balanced_sampling, libra.flag.balanced_feature_pyramid, ...),
              libra.trial_state = running | finished | failed | pruned | interrupted,
              libra.failure_reason (failed only), libra.attempts (attempts of the last invocation),
-             libra.optuna_trial (the Optuna trial number), libra.git_commit, libra.version.*
+             libra.optuna_trial (the Optuna trial number), libra.git_commit, libra.version.*,
+             libra.node_id (the Ray node id of the node that ran the trial's last attempt, rank
+             0's for DDP), libra.host (that node's host name and IP), libra.node_ids (every
+             attempt's node id, in order, comma-separated: a trial moved off a dead node shows
+             both), libra.create_id (a token that makes creating the run safe to retry)
     metrics  per epoch, step = epoch (1-based): every number the engine reports, i.e. loss,
              loss_* (the model's loss terms), lr, sec_per_iter, train_images_per_sec,
              peak_memory_mb, epoch_seconds, and on evaluated epochs eval_seconds,
@@ -73,12 +77,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
-from harness import mlflow_view
+from harness import mlflow_view, retry
 from harness.errors import UserError
 from harness.spec import Study, TrialPlan, flatten, render_value
 from harness.stores import default_uri, study_stores  # noqa: F401  (default_uri: part of this module's API)
@@ -86,6 +91,9 @@ from harness.stores import default_uri, study_stores  # noqa: F401  (default_uri
 ROLE = "libra.role"
 STATE = "libra.trial_state"
 KEY = "libra.trial_key"
+CREATE_ID = "libra.create_id"
+NODE_ID = "libra.node_id"
+HOST = "libra.host"
 
 _STATUS = {"finished": "FINISHED", "failed": "FAILED", "pruned": "KILLED", "interrupted": "KILLED"}
 
@@ -159,15 +167,18 @@ def _signals_held():
 
 
 class _UninterruptedClient:
-    """An MlflowClient whose every call completes before a Ctrl-C (or SIGTERM) takes effect.
+    """An MlflowClient whose every call completes before a Ctrl-C (or SIGTERM) takes effect,
+    and is retried through an outage of the store (harness.retry).
 
     A KeyboardInterrupt raised inside a SQLAlchemy write leaves that transaction holding the
     SQLite lock, and the driver's own "interrupted" bookkeeping that follows then fails with
-    "database is locked". Holding the signal for the length of one call avoids that.
+    "database is locked". Holding the signal for the length of one call avoids that; the
+    pauses between retries are outside the hold, so Ctrl-C still stops a waiting driver.
     """
 
-    def __init__(self, client: Any):
+    def __init__(self, client: Any, waiter: Optional[retry.Waiter] = None):
         self._client = client
+        self.waiter = waiter  # None: no retries (a local SQLite file does not go away)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
@@ -176,16 +187,38 @@ class _UninterruptedClient:
 
         @functools.wraps(attr)
         def call(*args: Any, **kwargs: Any) -> Any:
-            with _signals_held():
-                return attr(*args, **kwargs)
+            def attempt(_n: int) -> Any:
+                with _signals_held():
+                    return attr(*args, **kwargs)
+
+            return attempt(0) if self.waiter is None else self.waiter.call(attempt)
 
         return call
+
+    def create_run_once(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> Any:
+        """create_run, retried without ever making two runs: each run carries a fresh
+        libra.create_id, and a retry first looks for the run whose reply was lost."""
+        token = uuid.uuid4().hex
+        tags = {**tags, CREATE_ID: token}
+
+        def attempt(n: int) -> Any:
+            with _signals_held():
+                if n > 0:
+                    found = self._client.search_runs([experiment_id],
+                                                     filter_string=f"tags.`{CREATE_ID}` = '{token}'",
+                                                     max_results=1)
+                    if found:
+                        return found[0]
+                return self._client.create_run(experiment_id, tags=tags, run_name=run_name)
+
+        return attempt(0) if self.waiter is None else self.waiter.call(attempt)
 
 
 class Tracker:
     """The driver's MLflow writer for one study invocation."""
 
-    def __init__(self, study: Study, work_dir: str, uri: Optional[str] = None):
+    def __init__(self, study: Study, work_dir: str, uri: Optional[str] = None,
+                 stream: Optional[Any] = None):
         from mlflow import MlflowClient
 
         # MLflow logs each schema migration of a new SQLite store at INFO: not news to a user.
@@ -195,8 +228,26 @@ class Tracker:
         stores = study_stores(study, work_dir=work_dir, tracking_uri=uri)
         self.uri, self.experiment_name = stores.mlflow_uri, stores.experiment
         check_reachable(self.uri)
+        if self.uri.startswith(("http://", "https://")):
+            # MLflow's own retries (7, backoff factor 2) wait about four minutes in silence
+            # before the first error; harness.retry waits instead, and says so. A user's own
+            # settings of these variables win.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+            # MLflow prints "View run ... at: URL" for every run it ends on a server, which
+            # interleaves with the progress view; the closing summary names the server.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.makedirs(work_dir, exist_ok=True)
-        self.client = _UninterruptedClient(MlflowClient(tracking_uri=self.uri))
+        # A server or a database server can restart under a long study: wait for it. A local
+        # SQLite file cannot, and its errors (a bad path, a corrupt file) must fail at once.
+        if self.uri.startswith(("http://", "https://")):
+            waiter: Optional[retry.Waiter] = retry.Waiter(f"the MLflow server at {self.uri}", stream)
+        elif "://" in self.uri and not self.uri.startswith(("sqlite:", "file:")):
+            waiter = retry.Waiter(f"the MLflow database {retry.redacted(self.uri)}", stream)
+        else:
+            waiter = None
+        self.client = _UninterruptedClient(MlflowClient(tracking_uri=self.uri), waiter)
         try:
             self.experiment_id = self._experiment(work_dir)
             mlflow_view.dress_experiment(self.client, self.experiment_id, study)
@@ -225,8 +276,7 @@ class Tracker:
         tags = {ROLE: "study", "libra.study": self.study.name, "libra.kind": self.study.kind,
                 "libra.study_file": self.study.path, "libra.work_dir": work_dir,
                 "libra.command": " ".join(argv)[:4000], **provenance()}
-        run = self.client.create_run(self.experiment_id, tags=tags,
-                                     run_name=f"{self.study.name}-{stamp}")
+        run = self.client.create_run_once(self.experiment_id, f"{self.study.name}-{stamp}", tags)
         self.parent_id = run.info.run_id
         self.client.log_text(self.parent_id, yaml.safe_dump(self.study.mapping, sort_keys=False),
                              "study.yaml")
@@ -294,8 +344,8 @@ class Tracker:
         })
         for name, on in cfg.detector.component_flags.items():
             tags[f"libra.flag.{name}"] = "true" if on else "false"
-        run = self.client.create_run(self.experiment_id, run_name=plan.label[:250],
-                                     tags={k: _tag(v) for k, v in tags.items() if v is not None})
+        run = self.client.create_run_once(self.experiment_id, plan.label[:250],
+                                          {k: _tag(v) for k, v in tags.items() if v is not None})
         run_id = run.info.run_id
         res = self.study.spec.resources
         params = flatten(cfg.to_dict())
@@ -310,6 +360,12 @@ class Tracker:
             self.client.log_batch(run_id, params=items[start:start + 100])
         self.client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
         return run_id
+
+    def placed(self, run_id: str, node_id: str, host: str, earlier: Sequence[str]) -> list[str]:
+        """Record where the trial's current attempt runs; returns the node ids so far."""
+        nodes = [*earlier, node_id] if not earlier or earlier[-1] != node_id else list(earlier)
+        self.set_tags(run_id, {NODE_ID: node_id, HOST: host, "libra.node_ids": ",".join(nodes)})
+        return nodes
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag

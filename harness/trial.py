@@ -38,6 +38,7 @@ class Mailbox:
         self._inbox: list[tuple[str, int, dict]] = []
         self._waiting: dict[tuple[str, int, int], asyncio.Future] = {}
         self._results: dict[tuple[str, int], Any] = {}
+        self._placed: list[tuple[str, int, str, str]] = []
 
     async def post(self, key: str, attempt: int, metrics: dict, wait_s: float) -> bool:
         """Deliver one epoch's metrics; with wait_s > 0, return the driver's stop verdict."""
@@ -58,6 +59,14 @@ class Mailbox:
     async def drain(self) -> list[tuple[str, int, dict]]:
         messages, self._inbox = self._inbox, []
         return messages
+
+    async def place(self, key: str, attempt: int, node_id: str, host: str) -> None:
+        """A trial's attempt says which Ray node runs it (rank 0's, for DDP)."""
+        self._placed.append((key, attempt, node_id, host))
+
+    async def drain_placed(self) -> list[tuple[str, int, str, str]]:
+        placed, self._placed = self._placed, []
+        return placed
 
     async def answer(self, key: str, attempt: int, epoch: int, stop: bool) -> None:
         future = self._waiting.get((key, attempt, epoch))
@@ -123,6 +132,8 @@ def train(payload: Mapping[str, Any]) -> dict[str, Any]:
 
     # Parallel trials share the machine: each uses exactly its CPU share.
     torch.set_num_threads(int(payload["num_threads"]))
+    if _rank()[0] == 0:
+        _announce_node(payload)
     cfg = TrainConfig.from_dict(payload["config"])
     reporter = _Reporter(payload)
     try:
@@ -132,8 +143,20 @@ def train(payload: Mapping[str, Any]) -> dict[str, Any]:
     return {"status": "finished", "result": _plain(result)}
 
 
+def _announce_node(payload: Mapping[str, Any]) -> None:
+    """Tell the driver which node this attempt runs on (MLflow tags libra.node_id, libra.host)."""
+    import socket
+
+    context = ray.get_runtime_context()
+    node_id = context.get_node_id()
+    ip = ray.util.get_node_ip_address()
+    payload["mailbox"].place.remote(payload["trial_key"], payload["attempt"], node_id,
+                                    f"{socket.gethostname()} ({ip})")
+
+
 def _single(payload: Mapping[str, Any]) -> dict[str, Any]:
     if payload.get("bench") is not None:  # a bench study's trial: measured, not trained
+        _announce_node(payload)
         from harness.bench.trial import run_bench_trial
 
         return {"status": "finished", "result": run_bench_trial(dict(payload))}

@@ -11,6 +11,10 @@ their last checkpoint, and MLflow gets no duplicate runs. The run ends with the 
 and the address that opens the study in MLflow's UI, grouped by configuration. Exit code: 0 when every trial finished
 (or was pruned), 1 when some failed after their retries, 2 for a mistake in the study or flags.
 
+A tracking server or database that goes away while the study runs is waited for (one line
+says so) for up to LIBRA_STORE_WAIT_S seconds (default 600); nothing is lost. Cluster set-up,
+shared storage and the faults that are tested: docs/cluster.md.
+
 --dry-run validates everything a trial would reject (every key, type and range of every trial's
 config, the grid's points and the search's ranges) and the places the run would write, then
 lists the trials and runs nothing. It contacts one server: an http(s) MLflow tracking URI gets
@@ -46,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", metavar="URI",
                         help="MLflow tracking server (default: sqlite:////<work dir>/mlflow.db)")
     parser.add_argument("--optuna-storage", metavar="URL",
-                        help="Optuna RDB storage URL (default: <work dir>/optuna.journal)")
+                        help="Optuna RDB storage URL, e.g. postgresql://optuna:PW@db:5432/optuna "
+                             "(default: <work dir>/optuna.journal)")
     parser.add_argument("--max-retries", type=int, metavar="N",
                         help="extra attempts for a trial that raises or whose loss goes NaN "
                              "(default: the study's max_retries)")
@@ -93,18 +98,8 @@ def _preflight(study, args: argparse.Namespace) -> None:
         # First, before the heavy imports below: a wrong address fails in seconds.
         preflight.check_ray_address(address, "--address" if args.address else "RAY_ADDRESS")
 
-    from harness.study import default_work_dir
-
-    if not address:
-        # Trials run on this machine, so their data must be here (on a cluster: on the nodes).
-        from detectors.data.loader import check_data_paths
-
-        plans = (study.trials() if study.kind == "grid" else
-                 [study.bench_trial() if study.kind == "bench" else study.make_trial({}, study.seeds[0])])
-        for data in {plan.config.data for plan in plans}:
-            check_data_paths(data)
-    preflight.writable_dir("--work-dir" if args.work_dir else "the work dir",
-                           args.work_dir or default_work_dir(study), create=not args.dry_run)
+    # The servers next, still before the heavy imports (MLflow, Optuna, torch): a wrong one
+    # fails within seconds of the command's start.
     spec = study.spec.tracking
     uri = args.tracking_uri or spec.uri
     if uri:
@@ -115,7 +110,20 @@ def _preflight(study, args: argparse.Namespace) -> None:
     if storage:
         source = preflight.value_source("--optuna-storage", args.optuna_storage,
                                         "tracking.optuna_storage", args.study, args.overrides)
-        preflight.check_optuna_storage(storage, source)
+        preflight.check_optuna_storage(storage, source, contact=not args.dry_run)
+
+    from harness.stores import default_work_dir
+
+    if not address:
+        # Trials run on this machine, so their data must be here (on a cluster: on the nodes).
+        from detectors.data.loader import check_data_paths
+
+        plans = (study.trials() if study.kind == "grid" else
+                 [study.bench_trial() if study.kind == "bench" else study.make_trial({}, study.seeds[0])])
+        for data in {plan.config.data for plan in plans}:
+            check_data_paths(data)
+    preflight.writable_dir("--work-dir" if args.work_dir else "the work dir",
+                           args.work_dir or default_work_dir(study.name), create=not args.dry_run)
 
 
 def _command_line(args: argparse.Namespace) -> list[str]:
