@@ -12,6 +12,8 @@ registry, no monkeypatching), so the tree below reads top to bottom:
         transform  = resize to min_size/max_size + ImageNet normalisation)
 
 With every switch off this is torchvision's Faster R-CNN + FPN, parameter for parameter.
+`arch: fast_rcnn` composes the same backbone and RoI head without the RPN, on given proposals
+(detectors/fast_rcnn.py, the paper's ablation protocol).
 `build_retinanet(cfg)` composes the one-stage variant the same way from the parts in
 detectors/retinanet.py (whose docstring draws its tree). Imports run one way: this module
 imports the components' modules, never the reverse.
@@ -34,6 +36,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from detectors.backbones import TinyConvNet, build_backbone
 from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid, xavier_init_
 from detectors.config import DetectorConfig
+from detectors.fast_rcnn import FastRCNN
 from detectors.retinanet import (
     BalancedL1RetinaNetHead,
     BoxLossRetinaNetHead,
@@ -66,6 +69,8 @@ def build_detector(cfg: DetectorConfig) -> nn.Module:
     eval mode a list of {"boxes" [K, 4] xyxy in input pixels, "labels" [K], "scores" [K]}."""
     if cfg.arch == "retinanet":
         return build_retinanet(cfg)
+    if cfg.arch == "fast_rcnn":
+        return build_fast_rcnn(cfg)
     return build_faster_rcnn(cfg)
 
 
@@ -99,7 +104,8 @@ def build_transform(cfg: DetectorConfig) -> GeneralizedRCNNTransform:
     return GeneralizedRCNNTransform(cfg.min_size, cfg.max_size, list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
-def build_faster_rcnn(cfg: DetectorConfig) -> GeneralizedRCNN:
+def build_rcnn_backbone(cfg: DetectorConfig) -> nn.Module:
+    """ResNet/tiny + FPN (P2..P6), wrapped with the BFP when its switch is on."""
     backbone = build_backbone(
         cfg.backbone,
         fpn_channels=cfg.fpn_channels,
@@ -107,7 +113,19 @@ def build_faster_rcnn(cfg: DetectorConfig) -> GeneralizedRCNN:
         norm=cfg.backbone_norm,
         trainable_layers=cfg.trainable_backbone_layers,
     )
-    backbone = with_balanced_pyramid(backbone, cfg)
+    return with_balanced_pyramid(backbone, cfg)
+
+
+def build_fast_rcnn(cfg: DetectorConfig) -> FastRCNN:
+    """The second stage alone on given proposals: the backbone and RoI head of
+    `build_faster_rcnn`, parameter for parameter, without the RPN."""
+    backbone = build_rcnn_backbone(cfg)
+    num_proposals = {"training": cfg.rpn_post_nms_top_n_train, "testing": cfg.rpn_post_nms_top_n_test}
+    return FastRCNN(backbone, build_roi_heads(cfg, backbone.out_channels), build_transform(cfg), num_proposals)
+
+
+def build_faster_rcnn(cfg: DetectorConfig) -> GeneralizedRCNN:
+    backbone = build_rcnn_backbone(cfg)
     channels = backbone.out_channels
 
     anchors = AnchorGenerator(
@@ -129,7 +147,11 @@ def build_faster_rcnn(cfg: DetectorConfig) -> GeneralizedRCNN:
         allowed_border=cfg.rpn_allowed_border,  # < 0: every anchor, as torchvision
         neg_pos_ub=cfg.rpn_neg_pos_ub,  # < 0: no cap on negatives per positive, as torchvision
     )
+    return GeneralizedRCNN(backbone, rpn, build_roi_heads(cfg, channels), build_transform(cfg))
 
+
+def build_roi_heads(cfg: DetectorConfig, channels: int) -> LibraRoIHeads:
+    """The R-CNN stage on `channels`-wide FPN maps: the Libra sampler and box loss as switched."""
     sampler_cfg = cfg.iou_balanced_sampling
     neg_draw = pos_draw = random_draw
     if sampler_cfg.enabled:
@@ -159,8 +181,9 @@ def build_faster_rcnn(cfg: DetectorConfig) -> GeneralizedRCNN:
         detections_per_img=cfg.box_detections_per_img,
         sampler=sampler,
         box_loss=box_loss,
+        add_gt_as_proposals=cfg.add_gt_as_proposals,
     )
-    return GeneralizedRCNN(backbone, rpn, roi_heads, build_transform(cfg))
+    return roi_heads
 
 
 def build_retinanet(cfg: DetectorConfig) -> LibraRetinaNet:

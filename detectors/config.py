@@ -149,7 +149,9 @@ class BoxLossConfig:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DetectorConfig:
-    arch: Literal["faster_rcnn", "retinanet"] = "faster_rcnn"
+    # faster_rcnn: end to end (RPN + R-CNN). fast_rcnn: the paper's ablation protocol, the R-CNN
+    # stage alone on proposals read from data.proposals (no RPN built). retinanet: one-stage.
+    arch: Literal["faster_rcnn", "fast_rcnn", "retinanet"] = "faster_rcnn"
     # torchvision's ResNet/ResNeXt family ("resnet18" ... "resnext101_64x4d"), or "tiny":
     # a narrow four-stage ConvNet for CPU runs (see detectors/backbones.py).
     backbone: str = "resnet50"
@@ -168,7 +170,10 @@ class DetectorConfig:
     max_size: int = 1333  # ... unless the long side would exceed this
     fpn_channels: int = 256
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per FPN level, smallest first
-    # Region proposal network: proposals kept before and after NMS, per image.
+    # Region proposal network: proposals kept before and after NMS, per image. Under fast_rcnn
+    # the post-NMS numbers are the proposals per image read from data.proposals (the best
+    # scored first; the reference: 2000 train, 1000 test) and the pre-NMS ones are unused;
+    # `libra proposals` writes that many per image.
     rpn_pre_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_train: int = 2000
     rpn_pre_nms_top_n_test: int = 1000
@@ -182,6 +187,9 @@ class DetectorConfig:
     rpn_allowed_border: int = -1
     # Second stage (R-CNN): RoIs sampled per image and the box head's hidden width.
     roi_batch_size_per_image: int = 512
+    # The ground-truth boxes join the proposals in training (the reference's add_gt_as_proposals,
+    # torchvision's fixed behaviour); false trains on the given proposals alone.
+    add_gt_as_proposals: bool = True
     roi_positive_fraction: float = 0.25
     representation_size: int = 1024
     # Box head init: "torchvision" (nn.Linear defaults) | "reference" (CVPR release: xavier-
@@ -312,6 +320,9 @@ class DataConfig:
     horizontal_flip: float = 0.5  # probability, training only
     num_workers: int = 0  # DataLoader worker processes
     max_val_images: Optional[int] = None  # evaluate on the first N validation images only
+    # Pre-computed proposals of both splits (a folder written by `libra proposals`), keyed by
+    # image id; read by detector.arch fast_rcnn only.
+    proposals: Optional[str] = None
     # Training leaves out images without a (non-crowd) box, as the reference does; false keeps
     # them (ours: the RPN and R-CNN then learn pure background from them). Validation keeps all.
     skip_images_without_boxes: bool = False
@@ -335,7 +346,7 @@ class DataConfig:
         leaves the process that read the file.
         """
         changes = {}
-        for name in ("root", "train_images", "train_annotations", "val_images", "val_annotations"):
+        for name in ("root", "train_images", "train_annotations", "val_images", "val_annotations", "proposals"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = os.path.abspath(os.path.join(base_dir, os.path.expanduser(value)))
@@ -438,6 +449,11 @@ class TrainConfig:
                     cfg.detector.iou_balanced_sampling, enabled=False)))
         cfg.detector.validate(_join(where, "detector"))
         cfg.data.validate(_join(where, "data"))
+        if cfg.data.proposals is not None and cfg.detector.arch != "fast_rcnn":
+            raise ConfigError(
+                f"{_join(where, 'data.proposals')} is set but {_join(where, 'detector.arch')} is "
+                f"{cfg.detector.arch}, which makes its own proposals; set detector.arch: fast_rcnn "
+                "to train on the files, or remove data.proposals")
         cfg.schedule.validate(_join(where, "schedule"))
         return cfg
 

@@ -260,8 +260,10 @@ def predict(
     use_amp = amp and device.type == "cuda"
     for images, targets in _iterate(loader, len(loader), "eval", progress):
         start = time.perf_counter()
+        # A Fast R-CNN is handed each image's pre-computed proposals; other models make their own.
+        given = {"proposals": [t["proposals"].to(device) for t in targets]} if "proposals" in targets[0] else {}
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            outputs = model([img.to(device) for img in images])
+            outputs = model([img.to(device) for img in images], **given)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
@@ -411,6 +413,13 @@ def _check_classes(cfg: TrainConfig, num_dataset_classes: int) -> None:
         )
 
 
+def check_proposals_given(cfg: TrainConfig) -> None:
+    """A Fast R-CNN trains on files: without data.proposals there is nothing to train on."""
+    if cfg.detector.arch == "fast_rcnn" and cfg.data.proposals is None:
+        raise ConfigError("detector.arch is fast_rcnn but data.proposals is not set; point it at a "
+                          "folder written by `libra proposals CONFIG --checkpoint CKPT --out DIR`")
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -461,6 +470,7 @@ def fit(
     os.makedirs(out_dir, exist_ok=True)
     checkpoint_path = os.path.join(out_dir, CHECKPOINT_NAME)
 
+    check_proposals_given(cfg)
     train_set, val_set = build_datasets(cfg.data)
     _check_classes(cfg, train_set.num_classes)
 

@@ -135,9 +135,13 @@ class LibraRoIHeads(RoIHeads):
             indices [S] of the RoIs it trains on (ProposalSampler).
         box_loss: maps [P, 4] predicted and target deltas of the positives to a summed loss;
             normalised here by the number of sampled RoIs, like torchvision's fastrcnn_loss.
+        add_gt_as_proposals: the ground-truth boxes join each image's proposals in training
+            (torchvision always, the reference's `add_gt_as_proposals=True`); False samples
+            from the given proposals alone.
     """
 
-    def __init__(self, *args, sampler: ProposalSampler, box_loss: BoxLoss = smooth_l1_box_loss, **kwargs):
+    def __init__(self, *args, sampler: ProposalSampler, box_loss: BoxLoss = smooth_l1_box_loss,
+                 add_gt_as_proposals: bool = True, **kwargs):
         # torchvision's own fg_bg_sampler is built from these and never called: sampling goes
         # through select_training_samples below, which needs the max IoU torchvision drops.
         super().__init__(
@@ -148,6 +152,7 @@ class LibraRoIHeads(RoIHeads):
         )
         self.sampler = sampler
         self.box_loss = box_loss
+        self.add_gt_as_proposals = add_gt_as_proposals
 
     # ---------------------------------------------------------------- matching and sampling
     def match_proposals(
@@ -189,7 +194,8 @@ class LibraRoIHeads(RoIHeads):
         dtype, device = proposals[0].dtype, proposals[0].device
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
-        proposals = self.add_gt_proposals(proposals, gt_boxes)  # the paper adds gt as proposals
+        if self.add_gt_as_proposals:
+            proposals = self.add_gt_proposals(proposals, gt_boxes)  # the paper adds gt as proposals
         matched_idxs, labels, max_ious = self.match_proposals(proposals, gt_boxes, gt_labels)
 
         matched_gt_boxes = []

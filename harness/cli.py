@@ -21,6 +21,7 @@ COMMANDS = {
     "eval": "harness.commands.evaluate",
     "data": "harness.commands.data",
     "bench": "harness.commands.bench",
+    "proposals": "harness.commands.proposals",
 }
 
 _HELP = {
@@ -30,6 +31,7 @@ _HELP = {
     "eval": "evaluate a checkpoint with COCO mAP",
     "data": "datasets: generate the synthetic COCO-format set",
     "bench": "measure what each component costs against the baseline",
+    "proposals": "pre-compute proposals for Fast R-CNN (the paper's ablation protocol)",
 }
 
 EXIT_CODES = """\

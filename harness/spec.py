@@ -316,6 +316,16 @@ class SeedRounds(_Strict):
         return list(range(self.first, self.first + count))
 
 
+class ProposalsStage(_Strict):
+    """`proposals: {checkpoint: CKPT}`: the trials (detector.arch fast_rcnn) read proposals that
+    `libra run` first produces from this Faster R-CNN checkpoint's RPN (harness/proposals_stage.py)
+    over the data of `config` (a run config file; default: this study's own base), once."""
+
+    checkpoint: str
+    config: Optional[str] = None
+    batch_size: int = Field(default=2, ge=1)
+
+
 class StudySpec(_Strict):
     name: str
     description: str = ""
@@ -336,6 +346,7 @@ class StudySpec(_Strict):
     max_retries: int = Field(default=1, ge=0)
     reference: list[ReferenceRow] = []
     analysis: Analysis = Analysis()
+    proposals: Optional[ProposalsStage] = None
 
     @field_validator("name", mode="before")
     @classmethod
@@ -667,6 +678,7 @@ def validate_study(mapping: dict, path: str, shown: Optional[str] = None) -> Stu
         raise fail("", str(err)) from None
 
     study = Study(path=path, spec=spec, base=base, mapping=copy.deepcopy(mapping))
+    _check_proposals(spec, base_cfg, fail)
     if spec.grid is not None:
         _check_grid(spec, base, fail)
     elif spec.search is not None:
@@ -697,6 +709,19 @@ def validate_study(mapping: dict, path: str, shown: Optional[str] = None) -> Stu
         if len(set(keys)) != len(keys):
             raise fail("grid", "two grid points give the same trial; remove the duplicate values")
     return study
+
+
+def _check_proposals(spec: StudySpec, cfg: TrainConfig, fail) -> None:
+    """Fast R-CNN trials need proposals from somewhere, and only they can use them."""
+    if spec.proposals is not None and cfg.data.proposals is not None:
+        raise fail("proposals", "give either data.proposals (a folder) or proposals: {checkpoint: ...} "
+                                "(produced by libra run), not both")
+    if spec.proposals is not None and cfg.detector.arch != "fast_rcnn":
+        raise fail("proposals", f"the trials are {cfg.detector.arch}, which make their own proposals; "
+                                "set detector.arch: fast_rcnn, or remove proposals:")
+    if cfg.detector.arch == "fast_rcnn" and spec.proposals is None and cfg.data.proposals is None:
+        raise fail("detector.arch", "fast_rcnn trials need proposals: set data.proposals to a folder of "
+                                    "`libra proposals`, or proposals: {checkpoint: CKPT} to produce it")
 
 
 def _check_value(base: dict, key: str, value: Any) -> Optional[str]:

@@ -597,6 +597,10 @@ def run_study(study: Study, opts: RunOptions) -> int:
               f"(study {study.name!r})", file=out)
         if recovered:
             print(f"  resuming: {len(recovered)} trial(s) a stopped run left unfinished", file=out)
+        if study.spec.proposals is not None:  # the paper's protocol: proposals first, once
+            from harness import proposals_stage
+
+            study = tracker.study = proposals_stage.run_stage(study, work_dir, tracker, out)
         if threading_main():
             signal.signal(signal.SIGTERM, _raise_interrupt)
         driver = _Driver(study, opts, work_dir, tracker, ostudy, concurrency)
@@ -637,6 +641,15 @@ def describe(study: Study, opts: RunOptions) -> str:
                  + (f" (here: {concurrency} on {cpus} CPUs)" if local is not None else ""))
     lines.append(f"retries: {study.spec.max_retries if opts.max_retries is None else opts.max_retries}"
                  f" per trial; work dir {os.path.abspath(opts.work_dir)}")
+    if study.spec.proposals is not None:
+        from harness import proposals_stage
+
+        proposals_stage.check_stage(study)
+        folder = proposals_stage.stage_dir(study, opts.work_dir)
+        ready = os.path.isfile(os.path.join(folder, "manifest.json"))
+        lines.append(f"proposals: {'reused from' if ready else 'produced first into'} {folder} "
+                     f"(RPN of {proposals_stage.stage_checkpoint(study)})")
+        study = proposals_stage.with_proposals(study, folder)  # the trial keys the run will use
     if study.kind == "bench":
         bench = study.spec.bench
         plan = study.bench_trial()

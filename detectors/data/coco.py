@@ -88,6 +88,8 @@ class CocoDetection(Dataset):
             evaluation must restrict itself to.
         skip_images_without_boxes: leave out images with no box left after crowd regions and
             degenerate boxes are dropped (the reference, for training); False keeps them.
+        proposals: this split's pre-computed proposals (detectors.proposals.SplitProposals,
+            checked against the images); each target then carries them, see below.
 
     Attributes:
         coco: the pycocotools COCO object over the whole file (evaluation needs it).
@@ -99,7 +101,9 @@ class CocoDetection(Dataset):
     Item `i` is ``(image, target)``: image float32 [3, H, W] RGB in [0, 1] at its stored size;
     target {"boxes": float32 [N, 4] xyxy in pixels, "labels": int64 [N] in 1..num_classes,
     "image_id": int}. Crowd regions (iscrowd=1) are left out of the targets (COCOeval handles
-    them itself); images without boxes are kept, with boxes of shape [0, 4].
+    them itself); images without boxes are kept, with boxes of shape [0, 4]. With `proposals`
+    the target also holds "proposals": float32 [R, 4] xyxy in the same pixels (flipped with the
+    image), best first.
     """
 
     def __init__(
@@ -111,11 +115,13 @@ class CocoDetection(Dataset):
         horizontal_flip: float = 0.5,
         max_images: Optional[int] = None,
         skip_images_without_boxes: bool = False,
+        proposals: Any = None,
     ) -> None:
         self.images_dir = str(images_dir)
         self.annotations_file = str(annotations_file)
         self.train = train
         self._transforms = training_transforms(horizontal_flip) if train else None
+        self.proposals = proposals
 
         data = load_coco_json(self.annotations_file)
         categories = self._validate_categories(data["categories"])
@@ -269,6 +275,11 @@ class CocoDetection(Dataset):
     # ----------------------------------------------------------------------------------------
     # Items.
     # ----------------------------------------------------------------------------------------
+    def image_sizes(self) -> dict[int, tuple[float, float]]:
+        """Image id -> (width, height) in pixels, for every image of the dataset, in order."""
+        return {i: (float(self._image_info[i]["width"]), float(self._image_info[i]["height"]))
+                for i in self.image_ids}
+
     def _image_path(self, image_id: int) -> str:
         return os.path.join(self.images_dir, self._image_info[image_id]["file_name"])
 
@@ -303,17 +314,24 @@ class CocoDetection(Dataset):
         boxes_np, labels_np = self._targets[image_id]
         boxes = torch.from_numpy(boxes_np.copy())  # [N, 4] xyxy pixels
         labels = torch.from_numpy(labels_np.copy())  # [N]
+        extra = {}
+        if self.proposals is not None:
+            extra["proposals"] = torch.from_numpy(self.proposals[image_id][0])  # [R, 4] best first
         if self._transforms is not None:
             height, width = image.shape[-2:]
-            image, boxes = self._transforms(
+            # One call, so the proposals are flipped exactly when the image and its boxes are.
+            image, boxes, extra = self._transforms(
                 tv_tensors.Image(image),
                 tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+                {k: tv_tensors.BoundingBoxes(v, format="XYXY", canvas_size=(height, width))
+                 for k, v in extra.items()},
             )
             # Plain tensors out: tv_tensor subclasses would leak into the model and collate.
             image = image.as_subclass(torch.Tensor)
             boxes = boxes.as_subclass(torch.Tensor)
+            extra = {k: v.as_subclass(torch.Tensor) for k, v in extra.items()}
         image = image.to(torch.float32).div_(255.0)
-        return image, {"boxes": boxes, "labels": labels, "image_id": image_id}
+        return image, {"boxes": boxes, "labels": labels, "image_id": image_id, **extra}
 
     def __repr__(self) -> str:
         return (f"CocoDetection({len(self)} images, {self.num_classes} classes, "

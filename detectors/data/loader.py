@@ -61,6 +61,16 @@ def check_not_empty(dataset: CocoDetection, split: str) -> None:
                            "(check that the annotations' image_id values match the images' id)")
 
 
+def dataset_paths(data_cfg: DataConfig, where: str = "data") -> dict[str, str]:
+    """The four paths (train/val images and annotations) of the set a DataConfig describes;
+    a synthetic set is generated on first use."""
+    if data_cfg.kind == "coco":
+        return _coco_paths(data_cfg, where)
+    if data_cfg.kind == "synthetic":
+        return ensure_synthetic(data_cfg.root, data_cfg.synthetic)
+    raise DatasetError(f"{where}.kind must be coco or synthetic, got {data_cfg.kind!r}")
+
+
 def build_datasets(data_cfg: DataConfig, where: str = "data") -> tuple[CocoDetection, CocoDetection]:
     """The (train, val) datasets a DataConfig describes.
 
@@ -70,17 +80,16 @@ def build_datasets(data_cfg: DataConfig, where: str = "data") -> tuple[CocoDetec
     the val dataset's `image_ids` then lists them, and evaluation must pass them on
     (`coco_box_eval(val.coco, results, image_ids=val.image_ids)`).
 
+    With `data_cfg.proposals` each split carries its proposals (detectors.proposals), checked
+    against its images.
+
     `where` is the dotted prefix used in error messages. Raises DatasetError naming the key or
-    file on a missing path or a malformed annotation file.
+    file on a missing path or a malformed annotation file (ProposalsError, a DatasetError, for
+    a proposals folder that does not fit).
     """
     if data_cfg.max_val_images is not None and data_cfg.max_val_images < 1:
         raise DatasetError(f"{where}.max_val_images must be >= 1 or null, got {data_cfg.max_val_images}")
-    if data_cfg.kind == "coco":
-        paths = _coco_paths(data_cfg, where)
-    elif data_cfg.kind == "synthetic":
-        paths = ensure_synthetic(data_cfg.root, data_cfg.synthetic)
-    else:
-        raise DatasetError(f"{where}.kind must be coco or synthetic, got {data_cfg.kind!r}")
+    paths = dataset_paths(data_cfg, where)
     train = CocoDetection(paths["train_images"], paths["train_annotations"],
                           train=True, horizontal_flip=data_cfg.horizontal_flip,
                           skip_images_without_boxes=data_cfg.skip_images_without_boxes)
@@ -88,6 +97,12 @@ def build_datasets(data_cfg: DataConfig, where: str = "data") -> tuple[CocoDetec
                         train=False, max_images=data_cfg.max_val_images)
     check_not_empty(train, "training")
     check_not_empty(val, "validation")
+    if data_cfg.proposals is not None:
+        # Checked now against every image, so a folder made for another set fails before training.
+        from detectors.proposals import open_split
+
+        train.proposals = open_split(data_cfg.proposals, "train", train.image_sizes())
+        val.proposals = open_split(data_cfg.proposals, "val", val.image_sizes())
     if (train.label_to_cat_id, train.category_names) != (val.label_to_cat_id, val.category_names):
         # Labels are positions in the sorted category ids: differing lists would silently
         # evaluate class A's detections as class B.

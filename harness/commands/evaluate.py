@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         writable_file("--out", args.out)  # before the evaluation, not after it
     device = resolve_device(args.device, where="--device")
     model, cfg = load_model_from_checkpoint(args.checkpoint, device)
+    if args.val_images and cfg.detector.arch == "fast_rcnn":
+        raise UserError(f"--checkpoint {args.checkpoint} is a Fast R-CNN, which evaluates on the proposals of "
+                        "its config's data.proposals; --val-images has none: evaluate without it")
     if args.val_images:
         # Any COCO-format set; the checkpoint's training data need not exist on this machine.
         for flag, path, is_dir in (("--val-images", args.val_images, True),

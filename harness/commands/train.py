@@ -55,9 +55,10 @@ def epoch_line(metrics: dict, num_epochs: int) -> str:
 def describe(cfg, stem: str, out: str) -> str:
     """The --dry-run text: what the run would train, on what data, for how long, where to."""
     from detectors.data.loader import check_data_paths
-    from detectors.engine import resolve_device
+    from detectors.engine import check_proposals_given, resolve_device
 
     resolve_device(cfg.schedule.device)  # asking for a GPU this machine lacks
+    check_proposals_given(cfg)
     data = cfg.data
     if data.kind == "coco":
         check_data_paths(data)  # the same check (and message) the run would make first
@@ -71,7 +72,7 @@ def describe(cfg, stem: str, out: str) -> str:
     return "\n".join([
         f"config {stem}: valid",
         f"  model     {cfg.detector.arch} {cfg.detector.backbone}, {cfg.detector.num_classes} classes; {flags}",
-        f"  data      {source}",
+        f"  data      {source}" + (f"; proposals {data.proposals}" if data.proposals else ""),
         f"  schedule  {sched.epochs} epochs, batch {sched.batch_size}, lr {sched.learning_rate():g}, "
         f"seed {sched.seed}, device {sched.device}"
         + (f", at most {sched.max_iters_per_epoch} iterations per epoch" if sched.max_iters_per_epoch else ""),

@@ -65,6 +65,55 @@ def _coco_set(folder, images: list, annotations: list) -> tuple[str, str]:
     return str(folder / "img"), str(ann)
 
 
+def _proposal_corpus(tmp, cfg: dict, p: dict, write) -> None:
+    """Proposals folders for the corpus's synthetic set, each broken one way, and pickles."""
+    import numpy as np
+
+    from detectors import TrainConfig, build_detector
+    from detectors.data.coco import CocoDetection
+    from detectors.data.synthetic import ensure_synthetic
+    from detectors.proposals import SplitWriter, write_manifest
+
+    train_cfg = TrainConfig.from_dict(cfg)
+    paths = ensure_synthetic(train_cfg.data.root, train_cfg.data.synthetic)
+    sizes = {split: CocoDetection(paths[f"{split}_images"], paths[f"{split}_annotations"], train=False).image_sizes()
+             for split in ("train", "val")}
+    breaks = {
+        "good": lambda i, b: b,
+        "missing": None,  # the last train image left out
+        "nan": lambda i, b: np.where(np.arange(4) == 1, np.nan, b) if i == 1 else b,
+        "outside": lambda i, b: b + np.array([0, 0, 300, 0]) if i == 1 else b,
+    }
+    for name, edit in breaks.items():
+        folder = tmp / f"proposals_{name}"
+        os.makedirs(folder)
+        for split, image_sizes in sizes.items():
+            ids = list(image_sizes)
+            if edit is None and split == "train":
+                ids = ids[:-1]
+            with SplitWriter(str(folder), split) as writer:
+                for image_id in ids:
+                    boxes = np.array([[2.0, 2.0, 30.0, 30.0], [10.0, 5.0, 40.0, 50.0]])
+                    writer.add(image_id, boxes if edit is None else edit(image_id, boxes), np.array([0.9, 0.4]))
+        write_manifest(str(folder), {"source": "corpus"})
+        p[f"proposals_{name}"] = str(folder)
+    p["missing_image_id"] = str(list(sizes["train"])[-1])
+    np.save(tmp / "proposals_good" / "val.boxes.npy", np.zeros((len(sizes["val"]) * 2, 3), np.float32))
+    p["proposals_shape"] = str(tmp / "proposals_good")  # its val boxes are [N, 3]
+    (tmp / "proposals_nomanifest").mkdir()
+    p["proposals_nomanifest"] = str(tmp / "proposals_nomanifest")
+    arrays = [np.array([[1, 1, 20, 20, 0.5]], np.float32)]
+    write("short.pkl", pickle.dumps(arrays))  # one array: the sets have two images
+    write("evil.pkl", pickle.dumps([arrays[0], _RunsCode(p["marker"])]))
+    fast = TrainConfig.from_dict(dict(cfg, detector=dict(cfg["detector"], arch="fast_rcnn")))
+    torch.save({"model": build_detector(fast.detector).state_dict(), "config": fast.to_dict()}, tmp / "fast.pt")
+    p["fast_pt"] = str(tmp / "fast.pt")
+    study = dict(cfg, name="stage", detector=dict(cfg["detector"], arch="fast_rcnn"),
+                 grid={"detector.balanced_l1_loss.enabled": [False, True]},
+                 proposals={"checkpoint": "nope/checkpoint.pt"})
+    write("study_stage.yaml", yaml.safe_dump(study, sort_keys=False))
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Every bad file the cases point at, made once; {name: path}."""
@@ -150,6 +199,10 @@ def corpus(tmp_path_factory):
     coco_missing = dict(study, data={"kind": "coco", "train_images": "nope/img", "train_annotations": "nope.json",
                                      "val_images": "nope/img", "val_annotations": "nope.json"})
     write("study_coco_missing.yaml", yaml.safe_dump(coco_missing, sort_keys=False))
+
+    # Proposals (detector.arch fast_rcnn): folders that do not fit the corpus's synthetic set,
+    # pickles that are not mmdetection's, a checkpoint without an RPN.
+    _proposal_corpus(tmp, cfg, p, write)
 
     # A port on loopback with nothing listening: bound (so no one else takes it), never listen()ed.
     holder = socket.socket()
@@ -267,6 +320,38 @@ CASES = [
     ("run/address-ray-client", f"run {S} --address ray://127.0.0.1:{{port}}", ["--address", "ray://127.0.0.1:", "nothing answers"]),
     ("run/address-malformed", f"run {S} --address head-node", ["--address", "head-node", "HOST:PORT"]),
     ("run/address-bad-port", f"run {S} --address head:99999", ["--address", "head:99999"]),
+    # ---- libra proposals, and Fast R-CNN on proposals that do not fit
+    ("proposals/no-source", f"proposals {C} --out {{tmp}}/p0", ["--checkpoint", "--import-train"]),
+    ("proposals/both-sources", f"proposals {C} --out {{tmp}}/p0 --checkpoint {{good_pt}} --import-train "
+     "{short_pkl} --import-val {short_pkl}", ["not both"]),
+    ("proposals/half-import", f"proposals {C} --out {{tmp}}/p0 --import-train {{short_pkl}}", ["--import-val"]),
+    ("proposals/missing-checkpoint", f"proposals {C} --out {{tmp}}/p0 --checkpoint {{tmp}}/none.pt",
+     ["--checkpoint", "none.pt", "no such file"]),
+    ("proposals/malicious-checkpoint", f"proposals {C} --out {{tmp}}/p0 --checkpoint {{malicious_pt}}",
+     ["malicious.pt", "can run code"]),
+    ("proposals/no-rpn", f"proposals {C} --out {{tmp}}/p0 --checkpoint {{fast_pt}}", ["fast.pt", "fast_rcnn", "no RPN"]),
+    ("proposals/out-not-empty", f"proposals {C} --out {{resume_out}} --checkpoint {{good_pt}}",
+     ["--out", "resume_out", "not empty"]),
+    ("proposals/foreign-pickle", f"proposals {C} --out {{tmp}}/p1 --import-train {{evil_pkl}} --import-val "
+     "{evil_pkl}", ["evil.pkl", "other than numpy arrays", "not loaded"]),
+    ("proposals/pickle-wrong-length", f"proposals {C} --out {{tmp}}/p2 --import-train {{short_pkl}} "
+     "--import-val {short_pkl}", ["short.pkl", "holds 1 arrays", "lists 2 images"]),
+    ("train/fast-rcnn-without-proposals", f"train {C} --set detector.arch=fast_rcnn", ["data.proposals is not set"]),
+    ("train/proposals-for-faster-rcnn", f"train {C} --set data.proposals={{proposals_good}} --dry-run",
+     ["data.proposals", "makes its own proposals"]),
+    ("train/proposals-image-missing", f"train {C} --set detector.arch=fast_rcnn --set data.proposals={{proposals_missing}}",
+     ["proposals_missing/train.index.npy", "image id {missing_image_id}"]),
+    ("train/proposals-nan", f"train {C} --set detector.arch=fast_rcnn --set data.proposals={{proposals_nan}}",
+     ["proposals_nan/train.boxes.npy", "image id 1 ", "NaN"]),
+    ("train/proposals-outside", f"train {C} --set detector.arch=fast_rcnn --set data.proposals={{proposals_outside}}",
+     ["proposals_outside/train.boxes.npy", "image id 1 ", "outside the image"]),
+    ("train/proposals-shape", f"train {C} --set detector.arch=fast_rcnn --set data.proposals={{proposals_shape}}",
+     ["proposals_good/val.boxes.npy", "shape [4, 3]"]),
+    ("train/proposals-not-a-folder", f"train {C} --set detector.arch=fast_rcnn --set data.proposals={{proposals_nomanifest}}",
+     ["proposals_nomanifest", "manifest.json does not exist"]),
+    ("run/fast-rcnn-without-proposals", f"run {S} --dry-run --set detector.arch=fast_rcnn",
+     ["study.yaml", "fast_rcnn trials need proposals"]),
+    ("run/stage-checkpoint-missing", "run {study_stage_yaml} --dry-run", ["proposals.checkpoint", "does not exist"]),
     # ---- libra data synth
     ("data/image-size-absurd", "data synth --out {tmp}/s --image-size 100000", ["--image-size", "100000"]),
     ("data/image-size-small", "data synth --out {tmp}/s --image-size 8", ["--image-size"]),
@@ -328,7 +413,7 @@ def test_bad_input_is_one_line_exit_2(template, expected, corpus, capsys, monkey
         assert "schedule.device" not in line, line  # the flag the user typed, not a config key
     if "--study-set" in template:
         assert "--set " not in line, line
-    if "malicious" in template:
+    if "malicious" in template or "evil" in template:
         assert not os.path.exists(corpus["marker"]), "loading the checkpoint ran its code"
 
 
@@ -386,7 +471,7 @@ def test_the_libra_entry_point_as_a_process(corpus):
 # --------------------------------------------------------------------------------------------
 # Help that teaches.
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", ["run", "report", "train", "eval", "data synth", "bench"])
+@pytest.mark.parametrize("command", ["run", "report", "train", "eval", "data synth", "bench", "proposals"])
 def test_every_help_has_an_example_and_shows_defaults(command, capsys):
     from harness.cli import build_parser
 

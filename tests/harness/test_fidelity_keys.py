@@ -59,7 +59,9 @@ def test_paper_studies_select_the_reference(name):
         if d.arch == "retinanet":
             assert (d.retinanet_box_loss, d.retinanet_smooth_l1_beta) == ("smooth_l1", 0.11)
             assert (d.retinanet_box_loss_norm, d.retinanet_p7_relu) == ("batch", False)
-        if d.arch == "faster_rcnn":
+        if d.arch != "retinanet":  # the paper's protocol: Fast R-CNN on one set of proposals
+            assert d.arch == "fast_rcnn" and load_study(os.path.join(ROOT, "studies", f"{name}.yaml")).spec.proposals
+            assert d.add_gt_as_proposals
             assert (d.rpn_pre_nms_top_n_test, d.rpn_post_nms_top_n_test) == (2000, 2000)
             assert (d.rpn_neg_pos_ub, d.rpn_allowed_border, d.box_head_init) == (5, -1, "reference")
             sampler = d.iou_balanced_sampling
