@@ -135,8 +135,9 @@ def test_the_dataset_carries_and_flips_the_proposals(synth, tmp_path):
     folder = write_folder(tmp_path / "p", image_sizes)
     base = TrainConfig.from_dict({"detector": {"arch": "fast_rcnn"}, "data": {
         "kind": "coco", "train_images": synth["train_images"], "train_annotations": synth["train_annotations"],
-        "val_images": synth["val_images"], "val_annotations": synth["train_annotations"],
-        "val_images": synth["train_images"], "proposals": folder, "horizontal_flip": 1.0}})
+        # val is the train set without flips: the same images and proposals, unflipped
+        "val_images": synth["train_images"], "val_annotations": synth["train_annotations"],
+        "proposals": folder, "horizontal_flip": 1.0}})
     train, val = build_datasets(base.data)
     image_id = train.image_ids[0]
     stored, _ = open_split(folder, "train", image_sizes)[image_id]

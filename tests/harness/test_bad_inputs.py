@@ -215,7 +215,7 @@ def corpus(tmp_path_factory):
 C, S = "{config_yaml}", "{study_yaml}"
 CASES = [
     # ---- libra train: the file
-    ("train/missing", f"train {{tmp}}/nope.yaml", ["nope.yaml", "no such file"]),
+    ("train/missing", "train {tmp}/nope.yaml", ["nope.yaml", "no such file"]),
     ("train/folder", "train {folder}", ["folder.yaml", "is a folder"]),
     ("train/binary", "train {binary_yaml}", ["binary.yaml", "binary"]),
     ("train/image", "train {image_png}", ["image.png", "binary"]),

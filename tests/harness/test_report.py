@@ -6,7 +6,6 @@ the same numbers; the plots are written; the command fails in one line when it c
 import csv
 import io
 import math
-import re
 import time
 
 import pytest
