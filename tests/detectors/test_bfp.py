@@ -422,3 +422,17 @@ def test_xavier_init_resets_every_conv_weight_and_zeroes_biases():
     no_bias = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False))
     nn.init.constant_(no_bias[0].weight, 7.0)
     assert xavier_init_(no_bias)[0].weight.abs().max() <= (6.0 / 4) ** 0.5  # fan_in = fan_out = 2
+
+
+def test_non_local_block_settings_and_init():
+    assert NonLocalBlock2d(1).theta.out_channels == 1  # one channel is valid
+    assert NonLocalBlock2d(8, inner_channels=1).theta.out_channels == 1
+    assert NonLocalBlock2d(8, inner_channels=4).g.out_channels == 4  # given inner width is kept
+    for args in ((0,), (8, 0)):
+        with pytest.raises(ValueError, match=r"NonLocalBlock2d: channels and inner_channels must "
+                                             r"be >= 1, got \d+ and \d+"):
+            NonLocalBlock2d(*args)
+    # Embedding weights ~ N(0, 0.01): over 64 x 64 weights the sample std is within 10% of 0.01.
+    block = NonLocalBlock2d(64)
+    for conv in (block.theta, block.phi, block.g):
+        assert 0.009 < conv.weight.std().item() < 0.011
