@@ -452,8 +452,9 @@ def test_zero_iou_fill_only_draws_zeros_only_for_the_shortfall():
 
 
 def test_the_fill_uses_the_given_generator_not_the_global_rng():
-    # A floor set and small bins: stage 2 (the bins' fill) and stage 3 both draw.
-    max_ious, _ = _three_bins((5, 5, 5), 0)
+    # A floor set (budget 10) and two small bins (5 each of quota 10): stage 2 fills the bins'
+    # shortfall of 10 from the 90 left in the large bin, a draw that must use the generator.
+    max_ious, _ = _three_bins((5, 5, 100), 0)
     max_ious = torch.cat([_uniform(100, 0.0, 0.009, 3), max_ious])  # below floor_thr 0.01
     draws = []
     for global_seed in (1, 2):
