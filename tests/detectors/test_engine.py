@@ -109,6 +109,19 @@ def test_a_restart_records_that_it_trained_from_scratch(tmp_path):
     assert resumed["attempt"] == {"attempt_start_epoch": 3, "attempt_steps": 3, "world_size": 1}
 
 
+def test_resuming_a_finished_run_returns_its_last_evaluation(tmp_path):
+    # A finished trial relaunched (a retry after its checkpoint was written) trains nothing and
+    # must still hand back the evaluation that the checkpoint holds, not an empty one.
+    cfg = tiny_config(tmp_path / "data", epochs=1, max_iters_per_epoch=1)
+    first = fit(cfg, str(tmp_path / "run"), progress=False)
+    again = fit(cfg, str(tmp_path / "run"), progress=False)
+    assert again["attempt"] == {"attempt_start_epoch": 2, "attempt_steps": 0, "world_size": 1}
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-safe
+    assert same(again["per_class_AP"], first["per_class_AP"]) and len(again["per_class_AP"]) == 6
+    assert again["eval_summary"] == first["eval_summary"] and "Average Precision" in again["eval_summary"]
+    assert same(again["final"], first["final"])
+
+
 def _stop_after(epoch):
     def callback(metrics):
         if metrics["epoch"] == epoch:
