@@ -498,15 +498,8 @@ def fit(
     last_eval: dict[str, Any] = {"per_class_AP": {}, "summary": ""}
     start_epoch = 1
     if resume and os.path.isfile(checkpoint_path):
-        state = load_checkpoint(checkpoint_path, device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        history = list(state["history"])
-        last_eval = dict(state["last_eval"])
-        start_epoch = int(state["epoch"]) + 1
-        torch.set_rng_state(state["rng_state"].cpu())
+        start_epoch, history, last_eval = _resume(checkpoint_path, device, model, optimizer,
+                                                  scheduler, scaler)
     # What this attempt itself trains, so a caller can tell a resume from a restart by what ran
     # (not by what was printed): its first epoch and its optimizer steps (one scheduler step each).
     steps_before = scheduler.last_epoch
@@ -543,17 +536,8 @@ def fit(
         history.append(metrics)
 
         if ctx.is_main:
-            save_checkpoint(checkpoint_path, {
-                "model": _unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "config": cfg.to_dict(),
-                "history": history,
-                "last_eval": {"per_class_AP": last_eval["per_class_AP"], "summary": last_eval["summary"]},
-                "rng_state": torch.get_rng_state(),
-            })
+            save_checkpoint(checkpoint_path, _checkpoint_state(
+                _unwrap(model), optimizer, scheduler, scaler, epoch, cfg, history, last_eval))
             _write_metrics(out_dir, cfg, history, last_eval,
                            _attempt(start_epoch, scheduler.last_epoch - steps_before, ctx))
         for callback in callbacks:
@@ -567,6 +551,39 @@ def fit(
         "checkpoint": checkpoint_path,
         "attempt": _attempt(start_epoch, scheduler.last_epoch - steps_before, ctx),
     }
+
+
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                      scaler: torch.amp.GradScaler, epoch: int, cfg: TrainConfig,
+                      history: list[dict], last_eval: dict) -> dict:
+    """Everything `_resume` needs to continue after `epoch` (1-based, finished) as if never
+    stopped: weights, SGD momentum, the LR schedule's position, the AMP scale, torch's RNG."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "config": cfg.to_dict(),
+        "history": history,
+        "last_eval": {"per_class_AP": last_eval["per_class_AP"], "summary": last_eval["summary"]},
+        "rng_state": torch.get_rng_state(),
+    }
+
+
+def _resume(checkpoint_path: str, device: torch.device, model: nn.Module,
+            optimizer: torch.optim.Optimizer, scheduler: Any,
+            scaler: torch.amp.GradScaler) -> tuple[int, list[dict], dict]:
+    """Load a `_checkpoint_state` into the (unwrapped) model, optimizer, schedule and scaler,
+    and restore torch's RNG. Returns (the first epoch still to train, the history so far, the
+    last evaluation's per-class AP and summary)."""
+    state = load_checkpoint(checkpoint_path, device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_state"].cpu())
+    return int(state["epoch"]) + 1, list(state["history"]), dict(state["last_eval"])
 
 
 def _attempt(start_epoch: int, num_steps: int, ctx: DistContext) -> dict[str, int]:

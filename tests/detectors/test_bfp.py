@@ -367,3 +367,72 @@ def test_torchvision_faster_rcnn_accepts_the_wrapper():
     targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}]
     losses = model(images, targets)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Edges found by mutation testing (docs/testing.md).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    ((0, 5), "in_channels must be >= 1, got 0"),
+    ((8, 0), "num_levels must be >= 1, got 0"),
+    ((8, 5, 5), r"refine_level must be in \[0, 4\], got 5"),
+    ((8, 5, 2, "deformable"), "refine_type must be one of .*, got 'deformable'"),
+])
+def test_bad_settings_name_the_setting_and_the_value(args, message):
+    with pytest.raises(ValueError, match="BalancedFeaturePyramid: " + message):
+        BalancedFeaturePyramid(*args)
+
+
+def test_defaults_and_smallest_valid_settings():
+    bfp = BalancedFeaturePyramid(1, 5, refine_type="conv")  # one channel is valid
+    assert bfp.refine_level == 2 and BalancedFeaturePyramid(8, 5).refine_level == 2  # the paper's C4
+    assert bfp.refine_type == "conv" and "refine_type='conv'" in repr(bfp)
+    # The conv refinement is one 3x3 conv (padding 1): it keeps the refine level's size.
+    conv = bfp.refine[0]
+    assert conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+    x = torch.randn(1, 1, 8, 8)
+    assert conv(x).shape == x.shape
+
+
+def test_wrong_inputs_name_what_was_given():
+    with pytest.raises(TypeError, match="expected an OrderedDict or a list of tensors, got dict_values"):
+        BalancedFeaturePyramid(4, 2, refine_level=0)({"a": torch.zeros(1, 4, 4, 4)}.values())
+    with pytest.raises(ValueError, match="BackboneWithBFP: the backbone has no `out_channels` attribute"):
+        BackboneWithBFP(nn.Identity(), BalancedFeaturePyramid(4, 2, refine_level=0))
+
+
+def test_xavier_init_resets_every_conv_weight_and_zeroes_biases():
+    from detectors.bfp import xavier_init_
+
+    bfp = BalancedFeaturePyramid(8, 3, refine_type="non_local")
+    convs = [m for m in bfp.modules() if isinstance(m, nn.Conv2d)]
+    assert convs
+    for conv in convs:
+        nn.init.constant_(conv.weight, 7.0)
+        if conv.bias is not None:
+            nn.init.constant_(conv.bias, 3.0)
+    assert xavier_init_(bfp) is bfp
+    for conv in convs:
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        bound = (6.0 / (fan_in + fan_out)) ** 0.5  # xavier-uniform's U(-bound, bound)
+        assert conv.weight.abs().max() <= bound and conv.weight.std() > 0
+        if conv.bias is not None:
+            assert torch.all(conv.bias == 0)
+    no_bias = nn.Sequential(nn.Conv2d(2, 2, 1, bias=False))
+    nn.init.constant_(no_bias[0].weight, 7.0)
+    assert xavier_init_(no_bias)[0].weight.abs().max() <= (6.0 / 4) ** 0.5  # fan_in = fan_out = 2
+
+
+def test_non_local_block_settings_and_init():
+    assert NonLocalBlock2d(1).theta.out_channels == 1  # one channel is valid
+    assert NonLocalBlock2d(8, inner_channels=1).theta.out_channels == 1
+    assert NonLocalBlock2d(8, inner_channels=4).g.out_channels == 4  # given inner width is kept
+    for args in ((0,), (8, 0)):
+        with pytest.raises(ValueError, match=r"NonLocalBlock2d: channels and inner_channels must "
+                                             r"be >= 1, got \d+ and \d+"):
+            NonLocalBlock2d(*args)
+    # Embedding weights ~ N(0, 0.01): over 64 x 64 weights the sample std is within 10% of 0.01.
+    block = NonLocalBlock2d(64)
+    for conv in (block.theta, block.phi, block.g):
+        assert 0.009 < conv.weight.std().item() < 0.011

@@ -109,6 +109,19 @@ def test_a_restart_records_that_it_trained_from_scratch(tmp_path):
     assert resumed["attempt"] == {"attempt_start_epoch": 3, "attempt_steps": 3, "world_size": 1}
 
 
+def test_resuming_a_finished_run_returns_its_last_evaluation(tmp_path):
+    # A finished trial relaunched (a retry after its checkpoint was written) trains nothing and
+    # must still hand back the evaluation that the checkpoint holds, not an empty one.
+    cfg = tiny_config(tmp_path / "data", epochs=1, max_iters_per_epoch=1)
+    first = fit(cfg, str(tmp_path / "run"), progress=False)
+    again = fit(cfg, str(tmp_path / "run"), progress=False)
+    assert again["attempt"] == {"attempt_start_epoch": 2, "attempt_steps": 0, "world_size": 1}
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-safe
+    assert same(again["per_class_AP"], first["per_class_AP"]) and len(again["per_class_AP"]) == 6
+    assert again["eval_summary"] == first["eval_summary"] and "Average Precision" in again["eval_summary"]
+    assert same(again["final"], first["final"])
+
+
 def _stop_after(epoch):
     def callback(metrics):
         if metrics["epoch"] == epoch:
@@ -148,3 +161,40 @@ def test_deterministic_switch_sets_torch_and_is_undone(tmp_path):
     finally:
         set_determinism(False)
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
+class _RunsCode:
+    """Unpickling this would create `marker`: what a malicious checkpoint does."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_load_checkpoint_refuses_what_is_not_a_checkpoint_naming_the_file(tmp_path):
+    from detectors.errors import CheckpointError
+
+    marker = tmp_path / "ran"
+    torch.save({"model": _RunsCode(str(marker))}, tmp_path / "unsafe.pt")
+    with pytest.raises(CheckpointError, match=r"unsafe.pt holds Python objects other than tensors "
+                                              r"and plain containers, which can run code"):
+        load_checkpoint(str(tmp_path / "unsafe.pt"))
+    assert not marker.exists()  # refused, never unpickled another way
+    torch.save({"epoch": 1}, tmp_path / "good.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:20])
+    with pytest.raises(CheckpointError, match="truncated.pt is truncated, corrupt or not written by "
+                                              "torch.save, so it was not loaded; give a checkpoint.pt"):
+        load_checkpoint(str(tmp_path / "truncated.pt"))
+    (tmp_path / "text.pt").write_text("not a torch file")
+    with pytest.raises(CheckpointError, match="text.pt is truncated, corrupt"):
+        load_checkpoint(str(tmp_path / "text.pt"))
+    with pytest.raises(CheckpointError, match="none.pt: cannot read it \\(No such file or directory\\)"):
+        load_checkpoint(str(tmp_path / "none.pt"))
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path} is a folder; give a checkpoint.pt"):
+        load_checkpoint(str(tmp_path))
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="list.pt holds a list, not the mapping libra train writes"):
+        load_checkpoint(str(tmp_path / "list.pt"))
+    assert load_checkpoint(str(tmp_path / "good.pt"), "cpu") == {"epoch": 1}

@@ -340,3 +340,130 @@ def test_an_iou_equal_to_the_floor_threshold_is_in_the_bins():
     max_ious = torch.cat([torch.full((100,), 0.1), torch.full((30,), 0.25)])
     indices = iou_balanced_neg_sample(max_ious, 10, num_bins=3, floor_thr=0.25, generator=_gen(0))
     assert max_ious[indices].tolist() == [0.25] * 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Edges found by mutation testing (docs/testing.md): each pins documented behaviour.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_expected": -1}, "num_expected must be >= 0, got -1"),
+    ({"num_bins": 0}, "num_bins must be >= 1, got 0"),
+    ({"floor_thr": -0.5}, "floor_thr must be -1 or >= 0, got -0.5"),
+    ({"floor_fraction": 1.5}, r"floor_fraction must be in \[0, 1\], got 1.5"),
+    ({"zero_iou": "never"}, "zero_iou must be 'in_bins' or 'fill_only', got 'never'"),
+    ({"floor_thr": 0.2, "bin_max": 0.1}, "bin_max must be above the floor 0.2, got 0.1"),
+    ({"floor_thr": 0.2, "bin_max": 0.2}, "bin_max must be above the floor 0.2, got 0.2"),
+    ({"bin_max": 0.0}, "bin_max must be above the floor 0.0, got 0.0"),
+    ({"max_ious": torch.rand(2, 5)}, r"max_ious must be 1-D \[M\], got shape \(2, 5\)"),
+])
+def test_bad_arguments_name_the_argument_and_the_value(kwargs, message):
+    args = {"max_ious": torch.rand(10), "num_expected": 5, **kwargs}
+    with pytest.raises(ValueError, match="iou_balanced_neg_sample: " + message):
+        iou_balanced_neg_sample(args.pop("max_ious"), args.pop("num_expected"), **args)
+
+
+def test_other_samplers_name_the_argument_and_the_value():
+    with pytest.raises(ValueError, match="instance_balanced_pos_sample: num_expected must be >= 0, got -1"):
+        instance_balanced_pos_sample(torch.tensor([0, 1]), -1)
+    with pytest.raises(ValueError, match=r"gt_indices must be 1-D \[P\], got shape \(2, 1\)"):
+        instance_balanced_pos_sample(torch.tensor([[0], [1]]), 1)
+    with pytest.raises(ValueError, match="random_sample: num_candidates and num_expected must be "
+                                         ">= 0, got 10 and -1"):
+        random_sample(10, -1)
+
+
+def test_boundary_arguments_are_accepted():
+    # floor_thr 0 is valid (an empty floor set), and with floor_thr -1 any bin_max above 0 is.
+    max_ious = _uniform(50, 0.0, 0.5, 0)
+    assert iou_balanced_neg_sample(max_ious, 10, floor_thr=0.0, generator=_gen(0)).numel() == 10
+    assert iou_balanced_neg_sample(max_ious, 10, bin_max=0.5, generator=_gen(0)).numel() == 10
+
+
+def test_a_budget_of_one_draws_one():
+    assert iou_balanced_neg_sample(_uniform(50, 0.0, 0.5, 0), 1, generator=_gen(0)).numel() == 1
+    assert instance_balanced_pos_sample(torch.tensor([0, 0, 1, 2]), 1, generator=_gen(0)).numel() == 1
+    empty = instance_balanced_pos_sample(torch.tensor([0, 0, 1]), 0)
+    assert empty.dtype == torch.int64
+
+
+def test_taking_everything_uses_no_randomness():
+    # "When num_expected >= M all indices come back (no RNG is used)": the generator is untouched.
+    for draw in (lambda g: iou_balanced_neg_sample(_uniform(6, 0.0, 0.5, 0), 6, generator=g),
+                 lambda g: instance_balanced_pos_sample(torch.tensor([0, 0, 1, 1, 2, 2]), 6, generator=g),
+                 lambda g: random_sample(6, 6, generator=g)):
+        gen = _gen(0)
+        state = gen.get_state()
+        assert draw(gen).tolist() == list(range(6))
+        assert torch.equal(gen.get_state(), state)
+
+
+def test_without_a_floor_set_the_floor_fraction_is_ignored(seed=0):
+    # floor_thr -1 (in_bins): no floor set, so floor_fraction must not take budget from the bins:
+    # 60 over bins of (1000, 100, 100) is still 20 / 20 / 20.
+    max_ious, bins = _three_bins((1000, 100, 100), seed)
+    for s in range(3):
+        picked = bins[iou_balanced_neg_sample(max_ious, 60, floor_fraction=0.5, generator=_gen(s))]
+        assert torch.bincount(picked, minlength=3).tolist() == [20, 20, 20]
+
+
+def test_an_empty_floor_set_leaves_its_budget_to_the_final_uniform_fill():
+    # floor_thr 0: the floor set (IoU < 0) is empty but still has its budget of 30 of 60; the bins
+    # get 30 // 3 = 10 each, and the floor's 30 are filled uniformly from everything left, which
+    # is mostly bin 0: about 10 + 30 * 990 / 1170 = 35 there, far from the 20 of a bin budget of 60.
+    max_ious, bins = _three_bins((1000, 100, 100), 0)
+    for s in range(3):
+        picked = bins[iou_balanced_neg_sample(max_ious, 60, floor_thr=0.0, floor_fraction=0.5,
+                                              generator=_gen(s))]
+        counts = torch.bincount(picked, minlength=3).tolist()
+        assert counts[0] >= 28 and min(counts) >= 10, counts
+
+
+def test_a_fixed_bin_max_sets_the_edges():
+    # 10 candidates at IoU < 0.1, 200 at 0.2-0.3, 200 at 0.36-0.45. Own range (bin_max None, K 3):
+    # edges 0, 0.15, 0.3, 0.45, so the 10 low ones are bin 0 and are all drawn (quota 10 of 30).
+    # bin_max 1.0: edges 0, 1/3, 2/3, 1; the low ones share bin 0 with 200 others and only a few
+    # are drawn (10 draws of 210 in bin 0, plus a uniform fill of 10 for the empty top bin).
+    low = _uniform(10, 0.01, 0.1, 0)
+    max_ious = torch.cat([low, _uniform(200, 0.2, 0.3, 1), _uniform(199, 0.36, 0.44, 2),
+                          torch.tensor([0.45])])
+    for s in range(3):
+        own = iou_balanced_neg_sample(max_ious, 30, generator=_gen(s))
+        assert (own < 10).sum().item() == 10
+        fixed = iou_balanced_neg_sample(max_ious, 30, bin_max=1.0, generator=_gen(s))
+        assert (fixed < 10).sum().item() <= 5
+        # and the top bin is empty: 10 from bin 0 plus 10 from bin 1, the other 10 filled from both
+        assert (fixed >= 210).sum().item() >= 10
+
+
+def test_zero_iou_fill_only_draws_zeros_only_for_the_shortfall():
+    # 100 negatives at IoU exactly 0 and 60 spread over (0.01, 0.45). "in_bins": zeros are bin-0
+    # members, so some are drawn; "fill_only": they form the floor set (budget 0 here), the bins
+    # of the nonzero ones pay all 20, and no zero is drawn.
+    max_ious = torch.cat([torch.zeros(100), _uniform(59, 0.01, 0.44, 0), torch.tensor([0.45])])
+    for s in range(3):
+        in_bins = iou_balanced_neg_sample(max_ious, 20, generator=_gen(s))
+        fill_only = iou_balanced_neg_sample(max_ious, 20, zero_iou="fill_only", generator=_gen(s))
+        assert (in_bins < 100).sum().item() >= 1
+        assert fill_only.numel() == 20 and (fill_only < 100).sum().item() == 0
+    # Too few nonzero candidates: the zeros fill what the bins cannot pay.
+    few = torch.cat([torch.zeros(100), torch.tensor([0.1, 0.2, 0.3])])
+    fill_only = iou_balanced_neg_sample(few, 10, zero_iou="fill_only", generator=_gen(0))
+    assert fill_only.numel() == 10 and {100, 101, 102} <= set(fill_only.tolist())
+
+
+def test_the_fill_uses_the_given_generator_not_the_global_rng():
+    # A floor set (budget 10) and two small bins (5 each of quota 10): stage 2 fills the bins'
+    # shortfall of 10 from the 90 left in the large bin, a draw that must use the generator.
+    max_ious, _ = _three_bins((5, 5, 100), 0)
+    max_ious = torch.cat([_uniform(100, 0.0, 0.009, 3), max_ious])  # below floor_thr 0.01
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        draws.append(iou_balanced_neg_sample(max_ious, 40, floor_thr=0.01, floor_fraction=0.25,
+                                             generator=_gen(0)))
+    assert torch.equal(draws[0], draws[1])
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        draws.append(instance_balanced_pos_sample(torch.tensor([0] * 50 + [1] * 2), 20, generator=_gen(0)))
+    assert torch.equal(draws[0], draws[1])

@@ -277,6 +277,54 @@ def test_a_search_proposing_the_same_configuration_trains_it_once(ray_cluster, w
     assert len(_runs(work, "dupes")) == 1
 
 
+def test_a_proposal_already_measured_is_answered_from_the_record(ray_cluster, write_study,
+                                                                 tmp_path, capsys):
+    # One trial at a time, so the second and third proposals come after the first has finished:
+    # not parked behind a running twin (the test above) but found finished in the record. The
+    # search minimises the training loss, which is never 0, so a value read from elsewhere (or
+    # a retrained twin's) cannot pass for the recorded one by accident.
+    space = {BL1: {"type": "categorical", "choices": [True]}}  # every proposal is the same
+    path = write_study("measured", resources={"concurrency": 1}, search={
+        "space": space, "num_trials": 3, "pruner": "none", "sampler": "random",
+        "metric": "loss", "direction": "minimize"})
+    work = tmp_path / "work"
+    assert main(["run", path, "--work-dir", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("start ") == 1 and "3/3 trials done" in out
+
+    runs = _runs(work, "measured")
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    recorded = run["metrics.loss"]
+    assert recorded > 0
+    # The run belongs to the trial that trained (trial 0); a relaunch would retag it.
+    assert run["tags.libra.optuna_trial"] == "0"
+    client = MlflowClient(default_uri(str(work)))
+    # finish_trial logs the trial's wall time once per training that reached the end.
+    assert len(client.get_metric_history(run["run_id"], "trial_wall_seconds")) == 1
+    trials = _optuna_trials(work, "measured")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert {t.user_attrs[KEY_ATTR] for t in trials} == {run["tags.libra.trial_key"]}
+    assert [t.value for t in trials] == pytest.approx([recorded] * 3, rel=1e-12)
+    # Only the trial that trained reported epochs; the answered ones never ran (a launched
+    # twin is handed the logged epochs for the pruner, so it would show them too).
+    assert sorted(trials[0].intermediate_values) == [1, 2]
+    assert trials[1].intermediate_values == {} and trials[2].intermediate_values == {}
+
+    # A later invocation with a larger budget: the new proposal is answered from MLflow's record
+    # (the driver's memory of this run is gone), still without training.
+    argv = ["run", path, "--work-dir", str(work), "--set", "search.num_trials=4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(measured before)" in out and "start " not in out
+    trials = _optuna_trials(work, "measured")
+    assert len(trials) == 4 and trials[3].state == TrialState.COMPLETE
+    assert trials[3].value == pytest.approx(recorded, rel=1e-12)
+    assert trials[3].intermediate_values == {}
+    assert len(_runs(work, "measured")) == 1
+    assert len(client.get_metric_history(run["run_id"], "trial_wall_seconds")) == 1
+
+
 def test_a_killed_worker_is_retried_from_its_checkpoint(ray_cluster, write_study, tmp_path, capsys):
     import threading
 
