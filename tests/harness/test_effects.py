@@ -211,3 +211,91 @@ def test_power_is_finite_where_scipys_noncentral_t_gives_nan():
     d = planner.detectable_effect(0.1, 1)
     assert planner.power(d, 0.1, 1) == pytest.approx(0.8, abs=1e-6)
     assert 1.0 < d < 4.0  # t(0.975, 1) = 12.7: about 20 standard errors at df 1
+
+
+# ------------------------------------------------------------------------------------------
+# effects_table on a report-shaped frame of runs (no MLflow): what it reads, and the paper column.
+def report_runs():
+    """A 2 x 2 grid (A in params, B only in the config) x seeds 0, 1, AP as MLflow stores it,
+    plus runs that must be left out: failed, running, a NaN metric."""
+    rows = []
+    for a, b, seed, ap in ((False, False, 0, 0.300), (False, False, 1, 0.310),
+                           (True, False, 0, 0.330), (True, False, 1, 0.345),
+                           (False, True, 0, 0.290), (False, True, 1, 0.305),
+                           (True, True, 0, 0.350), (True, True, 1, 0.360)):
+        rows.append({"state": "finished", "bbox_mAP": ap, "seed": seed,
+                     "params": {A: a}, "config": {A: not a, B: b}})  # params win over config
+    rows += [{"state": "failed", "bbox_mAP": 0.9, "seed": 0, "params": {A: True}, "config": {B: True}},
+             {"state": "running", "bbox_mAP": 0.9, "seed": 1, "params": {A: True}, "config": {B: True}},
+             {"state": "finished", "bbox_mAP": math.nan, "seed": 1, "params": {A: True},
+              "config": {B: True}}]
+    return pd.DataFrame(rows)
+
+
+def test_effects_table_reads_finished_runs_in_shown_units_with_the_papers_step():
+    from types import SimpleNamespace
+
+    reference = [{"match": {A: False, B: False}, "metrics": {"bbox_mAP": 0.30}},
+                 {"match": {A: True, B: False}, "metrics": {"bbox_mAP": 0.34}},
+                 {"match": {A: True, B: True}, "metrics": {"bbox_mAP_50": 0.5}},  # no AP: ignored
+                 SimpleNamespace(match={A: False, B: True}, metrics={"bbox_mAP": 0.10})]
+    table = effects.effects_table(report_runs(), [A, B], labels={A: "a", B: "b"}, reference=reference)
+    assert table.attrs["n_runs"] == 8 and table.attrs["blocked"]
+    rows = table.set_index("term")
+    # Balanced 2 x 2 x 2 seeds: the main effect is the difference of the two levels' means, x 100.
+    assert rows.at["a", "estimate"] == pytest.approx((33.0 + 34.5 + 35 + 36 - 30 - 31 - 29 - 30.5) / 4)
+    assert rows.at["b", "estimate"] == pytest.approx((29 + 30.5 + 35 + 36 - 30 - 31 - 33 - 34.5) / 4)
+    assert rows.at["a x b", "estimate"] == pytest.approx((35.5 - 29.75) - (33.75 - 30.5))
+    assert rows.at["a", "key"] == A and rows.at["a", "label"] == "a" and rows.at["a", "level"] == "true"
+    # The paper's one-at-a-time step for a: (0.34 - 0.30) x 100, only baseline -> a with b equal.
+    # For b the only pair is the attribute-style row (0.10) against the baseline: -20, far outside.
+    assert rows.at["a", "paper"] == pytest.approx(4.0)
+    assert rows.at["b", "paper"] == pytest.approx(-20.0)
+    assert rows.at["b", "paper_outside"] is True
+    assert rows.at["a", "paper_outside"] is bool(not rows.at["a", "ci_low"] <= 4.0 <= rows.at["a", "ci_high"])
+    assert math.isnan(rows.at["a x b", "paper"]) and rows.at["a x b", "paper_outside"] is None
+    # Scale 1 (the metric's own units): estimates a hundredth, the paper's step too.
+    small = effects.effects_table(report_runs(), [A, B], scale=1.0, reference=reference).set_index("key")
+    assert small.at[A, "estimate"] == pytest.approx(rows.at["a", "estimate"] / 100)
+    assert small.at[A, "paper"] == pytest.approx(0.04)
+    # No reference row names a pair: no paper column at all.
+    assert "paper" not in effects.effects_table(report_runs(), [A, B], reference=reference[:1]).columns
+
+
+def test_effects_table_levels_order_names_the_baseline():
+    table = effects.effects_table(report_runs(), [A, B], levels={A: [True, False]}).set_index("key")
+    main = table[table["kind"] == "main"]
+    assert main.at[A, "level"] == "false"
+    assert main.at[A, "estimate"] == pytest.approx(-(33.0 + 34.5 + 35 + 36 - 30 - 31 - 29 - 30.5) / 4)
+
+
+def test_effects_table_without_runs_or_metric_says_so():
+    for runs in (None, pd.DataFrame(), report_runs().drop(columns="bbox_mAP"),
+                 report_runs().assign(state="failed")):
+        table = effects.effects_table(runs, [A, B])
+        assert list(table.columns) == effects.EFFECT_COLUMNS and len(table) == 0
+        assert table.attrs["n_runs"] == 0 and table.attrs["df_resid"] == 0
+        assert table.attrs["notes"] == ["no finished run: nothing to estimate"]
+        assert math.isnan(table.attrs["sigma"]) and table.attrs["design"] is None
+    values, seeds, y = effects.finished_values(report_runs(), [A, B], metric="bbox_mAP_50")
+    assert values == [] and seeds == [] and len(y) == 0
+
+
+def test_a_factor_with_one_level_is_left_out_with_a_note():
+    runs = report_runs()
+    runs = runs[runs["config"].map(lambda c: not c[B])]
+    table = effects.effects_table(runs, [A, B], labels={B: "b"})
+    assert list(table["key"]) == [A]
+    assert "b has one level in these runs: no effect to estimate" in table.attrs["notes"]
+    assert table.at[0, "estimate"] == pytest.approx((33.0 + 34.5 - 30 - 31) / 2)
+
+
+def test_an_exact_fit_has_no_spread_not_a_rounding_interval():
+    """Configurations that every seed moves alike (two settings that train the same model)
+    fit exactly; rounding leaves ~1e-15 residuals that must not become an interval."""
+    values, seeds = grid_runs(2)
+    y = np.array([30.0 + (1.0 if v[A] else 0.0) + 0.5 * s for v, s in zip(values, seeds)])
+    table = effects._rows(effects.build_design(values, seeds, [A, B, C]), y, 0.95).set_index("term")
+    assert table.at[A, "estimate"] == pytest.approx(1.0, abs=1e-9)
+    assert table.at[A, "note"] == effects.NO_SPREAD and table.at[A, "separated"] is None
+    assert math.isnan(table.at[A, "p"]) and table.attrs["sigma"] == 0.0
