@@ -258,6 +258,15 @@ def test_effects_table_reads_finished_runs_in_shown_units_with_the_papers_step()
     small = effects.effects_table(report_runs(), [A, B], scale=1.0, reference=reference).set_index("key")
     assert small.at[A, "estimate"] == pytest.approx(rows.at["a", "estimate"] / 100)
     assert small.at[A, "paper"] == pytest.approx(0.04)
+    # The first baseline row that differs only in this factor, not the first baseline row: for
+    # b, (a on, b off) comes first but differs in a too; (a off, b off) is the pair.
+    reordered = [reference[1], reference[0], reference[3]]
+    rows2 = effects.effects_table(report_runs(), [A, B], labels={A: "a", B: "b"},
+                                  reference=reordered).set_index("term")
+    assert rows2.at["b", "paper"] == pytest.approx(-20.0)
+    # One factor (no interaction rows): the outside flag is still a plain bool.
+    one = effects.effects_table(report_runs(), [A], reference=reference[:2])
+    assert one.at[0, "paper"] == pytest.approx(4.0) and isinstance(one.at[0, "paper_outside"], bool)
     # No reference row names a pair: no paper column at all.
     assert "paper" not in effects.effects_table(report_runs(), [A, B], reference=reference[:1]).columns
 

@@ -100,6 +100,11 @@ def test_seeds_for_half_width_is_the_smallest_count_that_reaches_it():
     assert planner.seeds_for_half_width(design, 1.0, 1.0, max_seeds=r) == r
     assert planner.seeds_for_half_width(design, math.nan, 1.0) is None
     assert planner.seeds_for_half_width(design, 0.0, 1.0) is None
+    # Two configurations: at 2 seeds the design has 1 residual df (4 runs, mean, delta, seed),
+    # which a wide enough half-width accepts (t(0.975, 1) = 12.7).
+    two = effects.delta_table(["x", "y", "x", "y"], [0, 0, 1, 1], [1.0, 2.0, 1.5, 2.0], "x").attrs["design"]
+    assert planner.design_at(two, 2)[1] == 1
+    assert planner.seeds_for_half_width(two, 1.0, 1000.0, kinds=("delta",)) == 2
 
 
 def test_seeds_for_half_width_skips_counts_without_residual_df():
@@ -146,6 +151,13 @@ def test_plan_adds_the_detectable_effect_and_the_seed_count():
     assert planned.attrs["target_effect"] == 1.0 and planned.attrs["target_power"] == 0.8
     assert planned.attrs["design"] is design and planned.attrs["sigma"] == sigma
     assert "detectable" not in table.columns  # a new frame
+    assert planned["seeds_needed"].dtype == float
+    # A frame without the effects' attrs: no df, so no detectable effect; no sigma, no count.
+    bare = table[["term", "kind", "se"]].copy()
+    bare.attrs.clear()
+    assert planner.plan(bare)["detectable"].isna().all()
+    bare.attrs["design"] = design
+    assert planner.plan(bare, target_effect=1.0)["seeds_needed"].isna().all()
     # Another power: both columns follow it.
     p9 = planner.plan(table, target_effect=1.0, target_power=0.9, alpha=0.1)
     assert p9.at[0, "detectable"] == pytest.approx(

@@ -121,6 +121,12 @@ def test_no_residual_df_and_no_spread_keep_the_delta_without_an_interval():
     assert t.at[B, "dAP"] == pytest.approx(2.5, abs=1e-12) and t.at[B, "dAP_note"] == report.NO_CI
     assert math.isnan(t.at[B, "dAP_df"]) and math.isnan(t.at[B, "dAP_low"])
     assert t.at[B, "dAP_separated"] is None
+    # Two seeds: four runs, three parameters, df 1: an interval with t(1 - 0.05 / 2, 1) = 12.7.
+    t = deltas([(A, 0, 30.0), (B, 0, 32.5), (A, 1, 31.0), (B, 1, 33.0)], rows=2)
+    assert t.at[B, "dAP"] == pytest.approx(2.25, abs=1e-9) and t.at[B, "dAP_df"] == 1
+    # Residuals +-0.125 at every run: sigma^2 = 4 (1/64) / 1, se = sqrt(sigma^2 (1/2 + 1/2)) = 0.25.
+    assert t.at[B, "dAP_se"] == pytest.approx(0.25, abs=1e-9)
+    assert t.at[B, "dAP_high"] == pytest.approx(2.25 + stats.t.ppf(0.975, 1) * 0.25, abs=1e-9)
     # Every seed moves both rows alike: the residuals are exactly 0, df 2, no interval.
     t = deltas([(A, s, 30.0 + s) for s in range(3)] + [(B, s, 32.0 + s) for s in range(3)], rows=2)
     assert t.at[B, "dAP"] == pytest.approx(2.0, abs=1e-9) and t.at[B, "dAP_note"] == report.NO_SPREAD
