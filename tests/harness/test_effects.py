@@ -218,7 +218,8 @@ def test_power_is_finite_where_scipys_noncentral_t_gives_nan():
 def report_runs():
     """A 2 x 2 grid (A in params, B only in the config) x seeds 0, 1, AP as MLflow stores it,
     plus runs that must be left out: failed, running, a NaN metric."""
-    rows = []
+    # A failed run first: what is left out must not end the reading.
+    rows = [{"state": "failed", "bbox_mAP": 0.9, "seed": 0, "params": {A: False}, "config": {B: False}}]
     for a, b, seed, ap in ((False, False, 0, 0.300), (False, False, 1, 0.310),
                            (True, False, 0, 0.330), (True, False, 1, 0.345),
                            (False, True, 0, 0.290), (False, True, 1, 0.305),
@@ -288,6 +289,15 @@ def test_effects_table_without_runs_or_metric_says_so():
         assert math.isnan(table.attrs["sigma"]) and table.attrs["design"] is None
     values, seeds, y = effects.finished_values(report_runs(), [A, B], metric="bbox_mAP_50")
     assert values == [] and seeds == [] and len(y) == 0
+    assert effects.effects_table(None, [A], confidence=0.9).attrs["confidence"] == 0.9
+    assert effects.effects_table(None, [A]).attrs["blocked"] is False
+
+
+def test_finished_values_defaults_to_bbox_map_in_ap_points():
+    values, seeds, y = effects.finished_values(report_runs(), [A, B])
+    assert y.dtype == float and list(y) == pytest.approx([30.0, 31.0, 33.0, 34.5, 29.0, 30.5, 35.0, 36.0])
+    assert seeds == [0, 1] * 4
+    assert values[2] == {A: True, B: False}  # A from params, B from the config
 
 
 def test_a_factor_with_one_level_is_left_out_with_a_note():
