@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from harness import effects, planner
 
@@ -318,3 +319,53 @@ def test_an_exact_fit_has_no_spread_not_a_rounding_interval():
     assert table.at[A, "estimate"] == pytest.approx(1.0, abs=1e-9)
     assert table.at[A, "note"] == effects.NO_SPREAD and table.at[A, "separated"] is None
     assert math.isnan(table.at[A, "p"]) and table.attrs["sigma"] == 0.0
+    # The threshold is relative to the data: the same exact fit at a memory-in-MB scale.
+    big = effects._rows(effects.build_design(values, seeds, [A, B, C]), 3e4 + 1e3 * y, 0.95)
+    assert big.attrs["sigma"] == 0.0 and (big["note"] == effects.NO_SPREAD).all()
+
+
+def test_rows_at_one_and_zero_residual_df_and_another_confidence():
+    # One run per cell of the 2^3 grid: df 1 (the three-way interaction's), every row numbered.
+    values, seeds = grid_runs(1)
+    y = np.array([0.0, 1.0, 3.0, 7.0, 2.0, 2.5, 6.0, 9.0])
+    table = effects._rows(effects.build_design(values, seeds, [A, B, C]), y, 0.95)
+    assert (table["df"] == 1).all() and (table["note"] == "").all()
+    assert np.isfinite(table["p"]).all() and np.isfinite(table["ci_low"]).all()
+    assert table.attrs["confidence"] == 0.95
+    # Two factors, one run per cell, no interaction: 4 runs, 3 parameters, df 1; with the
+    # interaction forced in there is no df left: numbers without intervals, and the note.
+    two = [{A: v[A], B: v[B]} for v in values if not v[C]]
+    design = effects.build_design(two, [0] * 4, [A, B], interactions=False)
+    assert design.df_resid == 1
+    y2 = np.array([0.0, 1.0, 3.0, 7.5])
+    fit = design.estimate(y2)
+    assert fit["estimate"].shape == (len(design.contrasts),) and np.isfinite(fit["p"]).all()
+    design.df_resid = 0  # what a saturated design reports: no residual to estimate sigma from
+    table = effects._rows(design, y2, 0.95)
+    assert (table["note"] == effects.NO_RESIDUAL_DF).all() and table["df"].isna().all()
+    assert table["p"].isna().all() and list(table["separated"]) == [None, None]
+    # No factor varies: no rows, but the columns are there.
+    none = effects._rows(effects.build_design([{A: True}] * 3, [0, 1, 2], [A]), np.ones(3), 0.95)
+    assert len(none) == 0 and list(none.columns) == effects.EFFECT_COLUMNS
+
+
+def test_separated_uses_the_tables_confidence():
+    rng = np.random.default_rng(12)
+    values, seeds = grid_runs(2)
+    # Find data where some effect's Holm p lies between 0.05 and 0.10.
+    design = effects.build_design(values, seeds, [A, B, C])
+    for _ in range(200):
+        y = rng.normal(0.0, 1.0, size=len(values)) + 0.6 * np.array([v[A] for v in values])
+        fit = design.estimate(y)
+        hit = np.flatnonzero((fit["p_holm"] > 0.05) & (fit["p_holm"] < 0.10))
+        if len(hit):
+            break
+    i = int(hit[0])
+    at95, at90 = effects._rows(design, y, 0.95), effects._rows(design, y, 0.90)
+    assert at95.at[i, "separated"] is False and at90.at[i, "separated"] is True
+    assert at90.attrs["confidence"] == 0.90
+    q = stats.t.ppf(0.95, design.df_resid)
+    assert at90.at[i, "ci_high"] - at90.at[i, "estimate"] == pytest.approx(q * at90.at[i, "se"], rel=1e-9)
+    # separated is a column of plain bools (None where no p), not numpy's.
+    assert all(v is True or v is False for v in at90["separated"])
+    assert at90.at[i, "note"] == "" and at90.at[i, "se"] < 1.0
