@@ -369,3 +369,14 @@ def test_separated_uses_the_tables_confidence():
     # separated is a column of plain bools (None where no p), not numpy's.
     assert all(v is True or v is False for v in at90["separated"])
     assert at90.at[i, "note"] == "" and at90.at[i, "se"] < 1.0
+
+
+def test_default_levels_are_first_seen_with_false_first():
+    K = "detector.iou_balanced_sampling.num_bins"
+    values = [{A: True, K: 5}, {A: False, K: 3}, {A: True, K: 3}, {A: False, K: 5}] * 2
+    design = effects.build_design(values, [0, 0, 0, 0, 1, 1, 1, 1], [A, K, C])
+    assert design.levels[A] == ["false", "true"]  # seen second, still the baseline
+    assert design.levels[K] == ["5", "3"]  # first seen is the baseline
+    assert [(c.term, c.level) for c in design.contrasts][:2] == [(A, "true"), (K, "3")]
+    # C was never set: one level (null), named by its key when no label is given.
+    assert design.notes == [f"{C} has one level in these runs: no effect to estimate"]
