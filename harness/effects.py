@@ -120,6 +120,10 @@ class EffectsDesign:
             est[rows] = self.L[rows] @ beta
         if self.df_resid > 0:
             ssr = ((Y - self.X @ beta) ** 2).sum(axis=0)
+            # Where the model fits exactly (every seed moves each configuration alike) rounding
+            # still leaves residuals of ~1e-15 of the data, which would give a spurious interval
+            # of that width and a random p: a residual norm under 1e-10 of the data's is zero.
+            ssr = np.where(ssr <= 1e-20 * (Y ** 2).sum(axis=0), 0.0, ssr)
             sigma = np.sqrt(np.clip(ssr, 0.0, None) / self.df_resid)
             if len(rows):
                 unit = self.L[rows] @ pinv  # [effects, runs]: Var(L beta) = sigma^2 |unit|^2

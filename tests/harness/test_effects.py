@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from harness import effects, planner
 
@@ -211,3 +212,171 @@ def test_power_is_finite_where_scipys_noncentral_t_gives_nan():
     d = planner.detectable_effect(0.1, 1)
     assert planner.power(d, 0.1, 1) == pytest.approx(0.8, abs=1e-6)
     assert 1.0 < d < 4.0  # t(0.975, 1) = 12.7: about 20 standard errors at df 1
+
+
+# ------------------------------------------------------------------------------------------
+# effects_table on a report-shaped frame of runs (no MLflow): what it reads, and the paper column.
+def report_runs():
+    """A 2 x 2 grid (A in params, B only in the config) x seeds 0, 1, AP as MLflow stores it,
+    plus runs that must be left out: failed, running, a NaN metric."""
+    # A failed run first: what is left out must not end the reading.
+    rows = [{"state": "failed", "bbox_mAP": 0.9, "seed": 0, "params": {A: False}, "config": {B: False}}]
+    for a, b, seed, ap in ((False, False, 0, 0.300), (False, False, 1, 0.310),
+                           (True, False, 0, 0.330), (True, False, 1, 0.345),
+                           (False, True, 0, 0.290), (False, True, 1, 0.305),
+                           (True, True, 0, 0.350), (True, True, 1, 0.360)):
+        rows.append({"state": "finished", "bbox_mAP": ap, "seed": seed,
+                     "params": {A: a}, "config": {A: not a, B: b}})  # params win over config
+    rows += [{"state": "failed", "bbox_mAP": 0.9, "seed": 0, "params": {A: True}, "config": {B: True}},
+             {"state": "running", "bbox_mAP": 0.9, "seed": 1, "params": {A: True}, "config": {B: True}},
+             {"state": "finished", "bbox_mAP": math.nan, "seed": 1, "params": {A: True},
+              "config": {B: True}}]
+    return pd.DataFrame(rows)
+
+
+def test_effects_table_reads_finished_runs_in_shown_units_with_the_papers_step():
+    from types import SimpleNamespace
+
+    reference = [{"match": {A: False, B: False}, "metrics": {"bbox_mAP": 0.30}},
+                 {"match": {A: True, B: False}, "metrics": {"bbox_mAP": 0.34}},
+                 {"match": {A: True, B: True}, "metrics": {"bbox_mAP_50": 0.5}},  # no AP: ignored
+                 SimpleNamespace(match={A: False, B: True}, metrics={"bbox_mAP": 0.10})]
+    table = effects.effects_table(report_runs(), [A, B], labels={A: "a", B: "b"}, reference=reference)
+    assert table.attrs["n_runs"] == 8 and table.attrs["blocked"]
+    rows = table.set_index("term")
+    # Balanced 2 x 2 x 2 seeds: the main effect is the difference of the two levels' means, x 100.
+    assert rows.at["a", "estimate"] == pytest.approx((33.0 + 34.5 + 35 + 36 - 30 - 31 - 29 - 30.5) / 4)
+    assert rows.at["b", "estimate"] == pytest.approx((29 + 30.5 + 35 + 36 - 30 - 31 - 33 - 34.5) / 4)
+    assert rows.at["a x b", "estimate"] == pytest.approx((35.5 - 29.75) - (33.75 - 30.5))
+    assert rows.at["a", "key"] == A and rows.at["a", "label"] == "a" and rows.at["a", "level"] == "true"
+    # The paper's one-at-a-time step for a: (0.34 - 0.30) x 100, only baseline -> a with b equal.
+    # For b the only pair is the attribute-style row (0.10) against the baseline: -20, far outside.
+    assert rows.at["a", "paper"] == pytest.approx(4.0)
+    assert rows.at["b", "paper"] == pytest.approx(-20.0)
+    assert rows.at["b", "paper_outside"] is True
+    assert rows.at["a", "paper_outside"] is bool(not rows.at["a", "ci_low"] <= 4.0 <= rows.at["a", "ci_high"])
+    assert math.isnan(rows.at["a x b", "paper"]) and rows.at["a x b", "paper_outside"] is None
+    # Scale 1 (the metric's own units): estimates a hundredth, the paper's step too.
+    small = effects.effects_table(report_runs(), [A, B], scale=1.0, reference=reference).set_index("key")
+    assert small.at[A, "estimate"] == pytest.approx(rows.at["a", "estimate"] / 100)
+    assert small.at[A, "paper"] == pytest.approx(0.04)
+    # The first baseline row that differs only in this factor, not the first baseline row: for
+    # b, (a on, b off) comes first but differs in a too; (a off, b off) is the pair.
+    reordered = [reference[1], reference[0], reference[3]]
+    rows2 = effects.effects_table(report_runs(), [A, B], labels={A: "a", B: "b"},
+                                  reference=reordered).set_index("term")
+    assert rows2.at["b", "paper"] == pytest.approx(-20.0)
+    # One factor (no interaction rows): the outside flag is still a plain bool.
+    one = effects.effects_table(report_runs(), [A], reference=reference[:2])
+    assert one.at[0, "paper"] == pytest.approx(4.0) and isinstance(one.at[0, "paper_outside"], bool)
+    # No reference row names a pair: no paper column at all.
+    assert "paper" not in effects.effects_table(report_runs(), [A, B], reference=reference[:1]).columns
+
+
+def test_effects_table_levels_order_names_the_baseline():
+    table = effects.effects_table(report_runs(), [A, B], levels={A: [True, False]}).set_index("key")
+    main = table[table["kind"] == "main"]
+    assert main.at[A, "level"] == "false"
+    assert main.at[A, "estimate"] == pytest.approx(-(33.0 + 34.5 + 35 + 36 - 30 - 31 - 29 - 30.5) / 4)
+
+
+def test_effects_table_without_runs_or_metric_says_so():
+    for runs in (None, pd.DataFrame(), report_runs().drop(columns="bbox_mAP"),
+                 report_runs().assign(state="failed")):
+        table = effects.effects_table(runs, [A, B])
+        assert list(table.columns) == effects.EFFECT_COLUMNS and len(table) == 0
+        assert table.attrs["n_runs"] == 0 and table.attrs["df_resid"] == 0
+        assert table.attrs["notes"] == ["no finished run: nothing to estimate"]
+        assert math.isnan(table.attrs["sigma"]) and table.attrs["design"] is None
+    values, seeds, y = effects.finished_values(report_runs(), [A, B], metric="bbox_mAP_50")
+    assert values == [] and seeds == [] and len(y) == 0
+    assert effects.effects_table(None, [A], confidence=0.9).attrs["confidence"] == 0.9
+    assert effects.effects_table(None, [A]).attrs["blocked"] is False
+
+
+def test_finished_values_defaults_to_bbox_map_in_ap_points():
+    values, seeds, y = effects.finished_values(report_runs(), [A, B])
+    assert y.dtype == float and list(y) == pytest.approx([30.0, 31.0, 33.0, 34.5, 29.0, 30.5, 35.0, 36.0])
+    assert seeds == [0, 1] * 4
+    assert values[2] == {A: True, B: False}  # A from params, B from the config
+
+
+def test_a_factor_with_one_level_is_left_out_with_a_note():
+    runs = report_runs()
+    runs = runs[runs["config"].map(lambda c: not c[B])]
+    table = effects.effects_table(runs, [A, B], labels={B: "b"})
+    assert list(table["key"]) == [A]
+    assert "b has one level in these runs: no effect to estimate" in table.attrs["notes"]
+    assert table.at[0, "estimate"] == pytest.approx((33.0 + 34.5 - 30 - 31) / 2)
+
+
+def test_an_exact_fit_has_no_spread_not_a_rounding_interval():
+    """Configurations that every seed moves alike (two settings that train the same model)
+    fit exactly; rounding leaves ~1e-15 residuals that must not become an interval."""
+    values, seeds = grid_runs(2)
+    y = np.array([30.0 + (1.0 if v[A] else 0.0) + 0.5 * s for v, s in zip(values, seeds)])
+    table = effects._rows(effects.build_design(values, seeds, [A, B, C]), y, 0.95).set_index("term")
+    assert table.at[A, "estimate"] == pytest.approx(1.0, abs=1e-9)
+    assert table.at[A, "note"] == effects.NO_SPREAD and table.at[A, "separated"] is None
+    assert math.isnan(table.at[A, "p"]) and table.attrs["sigma"] == 0.0
+    # The threshold is relative to the data: the same exact fit at a memory-in-MB scale.
+    big = effects._rows(effects.build_design(values, seeds, [A, B, C]), 3e4 + 1e3 * y, 0.95)
+    assert big.attrs["sigma"] == 0.0 and (big["note"] == effects.NO_SPREAD).all()
+
+
+def test_rows_at_one_and_zero_residual_df_and_another_confidence():
+    # One run per cell of the 2^3 grid: df 1 (the three-way interaction's), every row numbered.
+    values, seeds = grid_runs(1)
+    y = np.array([0.0, 1.0, 3.0, 7.0, 2.0, 2.5, 6.0, 9.0])
+    table = effects._rows(effects.build_design(values, seeds, [A, B, C]), y, 0.95)
+    assert (table["df"] == 1).all() and (table["note"] == "").all()
+    assert np.isfinite(table["p"]).all() and np.isfinite(table["ci_low"]).all()
+    assert table.attrs["confidence"] == 0.95
+    # Two factors, one run per cell, no interaction: 4 runs, 3 parameters, df 1; with the
+    # interaction forced in there is no df left: numbers without intervals, and the note.
+    two = [{A: v[A], B: v[B]} for v in values if not v[C]]
+    design = effects.build_design(two, [0] * 4, [A, B], interactions=False)
+    assert design.df_resid == 1
+    y2 = np.array([0.0, 1.0, 3.0, 7.5])
+    fit = design.estimate(y2)
+    assert fit["estimate"].shape == (len(design.contrasts),) and np.isfinite(fit["p"]).all()
+    design.df_resid = 0  # what a saturated design reports: no residual to estimate sigma from
+    table = effects._rows(design, y2, 0.95)
+    assert (table["note"] == effects.NO_RESIDUAL_DF).all() and table["df"].isna().all()
+    assert table["p"].isna().all() and list(table["separated"]) == [None, None]
+    # No factor varies: no rows, but the columns are there.
+    none = effects._rows(effects.build_design([{A: True}] * 3, [0, 1, 2], [A]), np.ones(3), 0.95)
+    assert len(none) == 0 and list(none.columns) == effects.EFFECT_COLUMNS
+
+
+def test_separated_uses_the_tables_confidence():
+    rng = np.random.default_rng(12)
+    values, seeds = grid_runs(2)
+    # Find data where some effect's Holm p lies between 0.05 and 0.10.
+    design = effects.build_design(values, seeds, [A, B, C])
+    for _ in range(200):
+        y = rng.normal(0.0, 1.0, size=len(values)) + 0.6 * np.array([v[A] for v in values])
+        fit = design.estimate(y)
+        hit = np.flatnonzero((fit["p_holm"] > 0.05) & (fit["p_holm"] < 0.10))
+        if len(hit):
+            break
+    i = int(hit[0])
+    at95, at90 = effects._rows(design, y, 0.95), effects._rows(design, y, 0.90)
+    assert at95.at[i, "separated"] is False and at90.at[i, "separated"] is True
+    assert at90.attrs["confidence"] == 0.90
+    q = stats.t.ppf(0.95, design.df_resid)
+    assert at90.at[i, "ci_high"] - at90.at[i, "estimate"] == pytest.approx(q * at90.at[i, "se"], rel=1e-9)
+    # separated is a column of plain bools (None where no p), not numpy's.
+    assert all(v is True or v is False for v in at90["separated"])
+    assert at90.at[i, "note"] == "" and at90.at[i, "se"] < 1.0
+
+
+def test_default_levels_are_first_seen_with_false_first():
+    K = "detector.iou_balanced_sampling.num_bins"
+    values = [{A: True, K: 5}, {A: False, K: 3}, {A: True, K: 3}, {A: False, K: 5}] * 2
+    design = effects.build_design(values, [0, 0, 0, 0, 1, 1, 1, 1], [A, K, C])
+    assert design.levels[A] == ["false", "true"]  # seen second, still the baseline
+    assert design.levels[K] == ["5", "3"]  # first seen is the baseline
+    assert [(c.term, c.level) for c in design.contrasts][:2] == [(A, "true"), (K, "3")]
+    # C was never set: one level (null), named by its key when no label is given.
+    assert design.notes == [f"{C} has one level in these runs: no effect to estimate"]

@@ -1,0 +1,178 @@
+"""The seeds planner's own functions on small grids: closed forms (the normal limit of the
+detectable effect), the minimality of every seed count it returns, and what it refuses."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from harness import effects, planner
+
+A, B, C = "detector.a.enabled", "detector.b.enabled", "detector.c.enabled"
+
+
+def grid(num_seeds, factors=(A, B, C)):
+    values, seeds = [], []
+    for combo in itertools.product([False, True], repeat=len(factors)):
+        for seed in range(num_seeds):
+            values.append(dict(zip(factors, combo)))
+            seeds.append(seed)
+    return values, seeds
+
+
+def fitted(num_seeds=2, factors=(A, B, C)):
+    values, seeds = grid(num_seeds, factors)
+    y = np.random.default_rng(11).normal(30.0, 1.0, size=len(values))
+    return effects._rows(effects.build_design(values, seeds, list(factors)), y, 0.95)
+
+
+def test_detectable_effect_is_the_normal_limit_at_large_df_and_scales_with_se():
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)  # 2.8016: two-sided 5%, power 80%
+    assert planner.detectable_effect(1.0, 10 ** 6) == pytest.approx(z, rel=1e-4)
+    assert planner.detectable_effect(2.5, 10 ** 6) == pytest.approx(2.5 * z, rel=1e-4)
+    # Other power and level: z_{0.95} + z_{0.9}.
+    z2 = stats.norm.ppf(0.95) + stats.norm.ppf(0.9)
+    assert planner.detectable_effect(1.0, 10 ** 6, target_power=0.9, alpha=0.1) == pytest.approx(z2, rel=1e-4)
+    for se, df, power, alpha in ((1.0, 3, 0.8, 0.05), (0.3, 5, 0.9, 0.1), (4.0, 2, 0.5, 0.01)):
+        d = planner.detectable_effect(se, df, power, alpha)
+        assert planner.power(d, se, df, alpha) == pytest.approx(power, abs=1e-9)
+        assert d == pytest.approx(se * planner.detectable_effect(1.0, df, power, alpha), rel=1e-8)
+    for se, df in ((0.0, 5), (1.0, 0), (math.inf, 5), (math.nan, 5), (-1.0, 5)):
+        assert math.isnan(planner.detectable_effect(se, df)), (se, df)
+
+
+def test_power_at_zero_is_the_level_and_grows_with_the_effect():
+    # At delta = 0 exactly the power is the test's level (scipy's ncf.sf gives -0.95 there).
+    assert planner.power(0.0, 1.0, 6) == pytest.approx(0.05, abs=1e-9)
+    assert planner.power(0.0, 1.0, 6, alpha=0.2) == pytest.approx(0.2, abs=1e-9)
+    assert planner.power(-2.0, 1.0, 6) == pytest.approx(planner.power(2.0, 1.0, 6), abs=1e-12)
+    assert math.isnan(planner.power(1.0, 0.0, 6)) and math.isnan(planner.power(1.0, 1.0, 0))
+
+
+def test_seeds_needed_is_the_smallest_count_that_reaches_the_power():
+    design = fitted().attrs["design"]
+    sigma, target = 1.0, 1.0
+    needed = planner.seeds_needed(design, sigma, target)
+    kinds = [c.kind for c in design.contrasts]
+    assert all(n is not None for n in needed)
+    for i, r in enumerate(needed):
+        unit, df = planner.design_at(design, r)
+        assert planner.power(target, sigma * unit[i], df) >= 0.8
+        if r > 2:
+            unit, df = planner.design_at(design, r - 1)
+            assert planner.power(target, sigma * unit[i], df) < 0.8
+    # An interaction's se is twice a main effect's on a 2^3 grid: it needs about 4x the seeds.
+    main = needed[kinds.index("main")]
+    inter = needed[kinds.index("interaction")]
+    assert 3 * main <= inter <= 5 * main
+    # A different power / level moves the count the right way.
+    assert planner.seeds_needed(design, sigma, target, target_power=0.95)[0] > main
+    assert planner.seeds_needed(design, sigma, target, alpha=0.2)[0] < main
+    # Beyond max_seeds, no sigma, or no target: None.
+    assert planner.seeds_needed(design, sigma, target, max_seeds=main - 1)[0] is None
+    assert planner.seeds_needed(design, sigma, target, max_seeds=main)[0] == main
+    for s, t in ((math.nan, 1.0), (0.0, 1.0), (math.inf, 1.0), (1.0, 0.0)):
+        assert planner.seeds_needed(design, s, t) == [None] * len(design.contrasts)
+
+
+def test_seeds_for_half_width_is_the_smallest_count_that_reaches_it():
+    design = fitted().attrs["design"]
+    mains = [i for i, c in enumerate(design.contrasts) if c.kind == "main"]
+    r = planner.seeds_for_half_width(design, 1.0, 1.0)
+    assert r is not None and r > 2
+
+    def widest(num_seeds, rows, confidence=0.95):
+        unit, df = planner.design_at(design, num_seeds)
+        return stats.t.ppf((1 + confidence) / 2, df) * max(unit[i] for i in rows)
+
+    assert widest(r, mains) <= 1.0 < widest(r - 1, mains)
+    inter = [i for i, c in enumerate(design.contrasts) if c.kind == "interaction"]
+    ri = planner.seeds_for_half_width(design, 1.0, 1.0, kinds=("interaction",))
+    assert widest(ri, inter) <= 1.0 < widest(ri - 1, inter) and ri > r
+    r90 = planner.seeds_for_half_width(design, 1.0, 1.0, confidence=0.9)
+    assert widest(r90, mains, 0.9) <= 1.0 < widest(r90 - 1, mains, 0.9) and r90 < r
+    assert planner.seeds_for_half_width(design, 2.0, 2.0) == r  # only sigma / half-width counts
+    assert planner.seeds_for_half_width(design, 1.0, 100.0) == 2
+    assert planner.seeds_for_half_width(design, 1.0, 1.0, max_seeds=r - 1) is None
+    assert planner.seeds_for_half_width(design, 1.0, 1.0, max_seeds=r) == r
+    assert planner.seeds_for_half_width(design, math.nan, 1.0) is None
+    assert planner.seeds_for_half_width(design, 0.0, 1.0) is None
+    # Two configurations: at 2 seeds the design has 1 residual df (4 runs, mean, delta, seed),
+    # which a wide enough half-width accepts (t(0.975, 1) = 12.7).
+    two = effects.delta_table(["x", "y", "x", "y"], [0, 0, 1, 1], [1.0, 2.0, 1.5, 2.0], "x").attrs["design"]
+    assert planner.design_at(two, 2)[1] == 1
+    assert planner.seeds_for_half_width(two, 1.0, 1000.0, kinds=("delta",)) == 2
+
+
+def test_seeds_for_half_width_skips_counts_without_residual_df():
+    # Two factors, no seed block needed... one seed per cell leaves df 1 with interactions
+    # pooled; the planner's own design at r seeds: the first r with df > 0 and a narrow enough t.
+    table = fitted(num_seeds=1, factors=(A, B))
+    design = table.attrs["design"]
+    r = planner.seeds_for_half_width(design, 1.0, 3.0)
+    unit, df = planner.design_at(design, r)
+    assert df > 0 and stats.t.ppf(0.975, df) * unit[0] <= 3.0
+
+
+def test_complete_design_keeps_the_factors_levels_kind_and_terms():
+    # Baseline true (levels given), interactions pooled (one seed, two factors): the planned
+    # design has the same contrasts, the same baseline and no interactions.
+    values, seeds = grid(1, (A, B))
+    values = [dict(v, **{C: False}) for v in values]  # C has one level: not a factor to plan
+    design = effects.build_design(values, seeds, [A, B, C], {A: [True, False]})
+    assert effects.INTERACTIONS_POOLED in design.notes
+    full = planner.complete_design(design, 3)
+    assert [(c.term, c.kind, c.level) for c in full.contrasts] == \
+        [(c.term, c.kind, c.level) for c in design.contrasts]
+    assert full.levels[A] == ["true", "false"] and full.factors == [A, B]
+    assert len(full.frame) == 4 * 3 and full.notes == []
+    # A configuration-delta design plans deltas.
+    delta = effects.delta_table(["x", "y", "z", "x", "y", "z"], [0, 0, 0, 1, 1, 1],
+                                [1.0, 2.0, 3.0, 1.5, 2.5, 2.0], "x").attrs["design"]
+    planned = planner.complete_design(delta, 4)
+    assert [c.kind for c in planned.contrasts] == ["delta", "delta"]
+    assert [c.level for c in planned.contrasts] == ["y", "z"]
+    unit, df = planner.design_at(delta, 4)
+    np.testing.assert_allclose(unit, planned.unit_se(), rtol=1e-10)
+    assert df == planned.df_resid == 3 * 4 - 3 - 3  # 12 runs - (mean + 2 deltas) - 3 seed levels
+
+
+def test_plan_adds_the_detectable_effect_and_the_seed_count():
+    table = fitted()
+    planned = planner.plan(table, target_effect=1.0)
+    design, sigma, df = table.attrs["design"], table.attrs["sigma"], table.attrs["df_resid"]
+    for i, se in enumerate(table["se"]):
+        assert planned.at[i, "detectable"] == pytest.approx(planner.detectable_effect(se, df), rel=1e-9)
+    expected = planner.seeds_needed(design, sigma, 1.0)
+    assert list(planned["seeds_needed"]) == [float(n) for n in expected]
+    assert planned.attrs["target_effect"] == 1.0 and planned.attrs["target_power"] == 0.8
+    assert planned.attrs["design"] is design and planned.attrs["sigma"] == sigma
+    assert "detectable" not in table.columns  # a new frame
+    assert planned["seeds_needed"].dtype == float
+    # A frame without the effects' attrs: no df, so no detectable effect; no sigma, no count.
+    bare = table[["term", "kind", "se"]].copy()
+    bare.attrs.clear()
+    assert planner.plan(bare)["detectable"].isna().all()
+    bare.attrs["design"] = design
+    assert planner.plan(bare, target_effect=1.0)["seeds_needed"].isna().all()
+    # Another power: both columns follow it.
+    p9 = planner.plan(table, target_effect=1.0, target_power=0.9, alpha=0.1)
+    assert p9.at[0, "detectable"] == pytest.approx(
+        planner.detectable_effect(table.at[0, "se"], df, 0.9, 0.1), rel=1e-9)
+    assert list(p9["seeds_needed"]) == [float(n) for n in planner.seeds_needed(design, sigma, 1.0, 0.9, 0.1)]
+    # Without a target: no seed count. A seed count beyond MAX_SEEDS is blank (NaN).
+    assert "seeds_needed" not in planner.plan(table).columns
+    tiny = planner.plan(table, target_effect=1e-3)
+    assert tiny["seeds_needed"].isna().all() and tiny["seeds_needed"].dtype == float
+    # Rows without an se (not estimable) get no detectable effect; an empty table stays empty.
+    values, seeds = grid(2)
+    kept = [i for i, v in enumerate(values) if not (v[A] and v[B])]
+    partial = effects._rows(effects.build_design([values[i] for i in kept], [seeds[i] for i in kept],
+                                                 [A, B, C]), np.arange(len(kept), dtype=float) ** 1.5, 0.95)
+    out = planner.plan(partial).set_index("term")
+    assert math.isnan(out.at[f"{A} x {B}", "detectable"]) and math.isfinite(out.at[C, "detectable"])
+    empty = effects.effects_table(None, [A])
+    assert len(planner.plan(empty, target_effect=1.0)) == 0
