@@ -29,26 +29,15 @@ from harness import mlflow_view
 from harness.cli import main
 from harness.spec import flatten, load_study, render_value
 from harness.tracking import default_uri
+from tests.harness.conftest import TINY_BASE
 
 pytestmark = pytest.mark.slow
 
 BL1 = "detector.balanced_l1_loss.enabled"
 ALPHA = "detector.balanced_l1_loss.alpha"
 DESCRIPTION = "Balanced L1 on and off, two seeds: is the UI's view the report's?"
-# The smallest model and set that trains and evaluates (tests/harness/conftest.py's TINY_BASE,
-# one epoch here): seconds per trial.
-BASE = {
-    "detector": {
-        "backbone": "tiny", "num_classes": 6, "min_size": 128, "max_size": 128,
-        "fpn_channels": 32, "representation_size": 64, "roi_batch_size_per_image": 64,
-        "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100,
-        "rpn_pre_nms_top_n_test": 100, "rpn_post_nms_top_n_test": 50,
-    },
-    "data": {"kind": "synthetic", "synthetic": {"num_train": 8, "num_val": 4, "image_size": 128, "seed": 0}},
-    "schedule": {"epochs": 1, "batch_size": 2, "lr": 0.01, "warmup_iters": 2, "lr_steps": [],
-                 "amp": False},
-    "resources": {"workers": 1, "cpus_per_worker": 1, "concurrency": 2},
-}
+# conftest's tiny model and set, one epoch here: seconds per trial.
+BASE = {**copy.deepcopy(TINY_BASE), "schedule": {**TINY_BASE["schedule"], "epochs": 1}}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
