@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -79,11 +80,15 @@ def with_balanced_pyramid(backbone: nn.Module, cfg: DetectorConfig) -> nn.Module
     bfp_cfg = cfg.balanced_feature_pyramid
     if not bfp_cfg.enabled:
         return backbone
-    bfp = BalancedFeaturePyramid(
-        backbone.out_channels, NUM_FPN_LEVELS, refine_level=bfp_cfg.refine_level, refine_type=bfp_cfg.refine_type
-    )
-    if bfp_cfg.init == "xavier":
-        xavier_init_(bfp)  # the reference's init; "identity" keeps the module's own
+    # Initialised on a fork of the RNG, so the modules built after it (the RPN, the RoI head)
+    # start from the same weights with the BFP on as off for one seed: an ablation's pair of
+    # configurations then differs by the BFP alone, not also by a reshuffled initialisation.
+    with torch.random.fork_rng(devices=[]):
+        bfp = BalancedFeaturePyramid(
+            backbone.out_channels, NUM_FPN_LEVELS, refine_level=bfp_cfg.refine_level, refine_type=bfp_cfg.refine_type
+        )
+        if bfp_cfg.init == "xavier":
+            xavier_init_(bfp)  # the reference's init; "identity" keeps the module's own
     return BackboneWithBFP(backbone, bfp)
 
 

@@ -16,8 +16,9 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -130,6 +131,33 @@ def _iterate(items: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
     return tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def stream_seed(seed: int, epoch: int, iteration: int) -> int:
+    """The global RNG's seed for one iteration of training: a hash of (seed, epoch, iteration)
+    through NumPy's SeedSequence, so neighbouring iterations get unrelated streams."""
+    return int(np.random.SeedSequence((seed, epoch, iteration)).generate_state(1, np.uint64)[0])
+
+
+def seeded_batches(loader: DataLoader, seed: int, epoch: int, num_iters: int) -> Iterator:
+    """The loader's first `num_iters` batches, the global RNG re-seeded before each is drawn.
+
+    What an iteration draws at random (the flips of its images, the RPN's and the R-CNN's
+    samples) then depends on (seed, epoch, iteration) alone, not on what earlier iterations
+    happened to draw. Two configurations of one ablation with one seed therefore see the same
+    flipped images in the same order (common random numbers: the comparison between them loses
+    the noise they would otherwise not share), and a resumed run draws what an uninterrupted one
+    does. Iteration 0's seed is set before the iterator is made, which draws the loader workers'
+    base seed.
+    """
+    torch.manual_seed(stream_seed(seed, epoch, 0))
+    batches = iter(loader)
+    for i in range(num_iters):
+        torch.manual_seed(stream_seed(seed, epoch, i + 1))
+        try:
+            yield next(batches)
+        except StopIteration:
+            return
+
+
 # ------------------------------------------------------------------------------------ training
 def train_step(
     model: nn.Module,
@@ -200,9 +228,8 @@ def train_one_epoch(
     num_images = 0
     num_done = 0
     iter_seconds = 0.0
-    for i, (images, targets) in enumerate(_iterate(loader, num_iters, f"epoch {epoch}", progress)):
-        if i >= num_iters:
-            break
+    batches = seeded_batches(loader, schedule.seed, epoch, num_iters)
+    for i, (images, targets) in enumerate(_iterate(batches, num_iters, f"epoch {epoch}", progress)):
         start = time.perf_counter()
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
