@@ -232,20 +232,23 @@ def resampled_map(evaluator: Any, positions: np.ndarray) -> float:
     params = evaluator._paramsEval
     num_images, num_areas = len(params.imgIds), len(params.areaRng)
     num_cats = len(params.catIds) if params.useCats else 1
+    area_all = list(evaluator.params.areaRngLbl).index("all")
     positions = np.asarray(positions, dtype=np.int64)
-    # evalImgs is ordered category-major, then area range, then image (COCOeval.evaluate).
-    blocks = (np.arange(num_cats * num_areas) * num_images)[:, None]
+    # evalImgs is ordered category-major, then area range, then image (COCOeval.evaluate); the
+    # replica keeps the "all" area's blocks only and accumulates at 100 detections only: the
+    # one cell stats[0] reads, a twelfth of accumulate's work, with the same numbers in it.
+    blocks = (np.arange(num_cats) * num_areas * num_images + area_all * num_images)[:, None]
     order = (blocks + positions[None, :]).ravel()
     replica = copy.copy(evaluator)
     replica.params = copy.copy(evaluator.params)
     replica.params.imgIds = [params.imgIds[i] for i in positions]
-    replica._paramsEval = copy.copy(params)
-    replica._paramsEval.imgIds = replica.params.imgIds
+    replica.params.areaRng = [evaluator.params.areaRng[area_all]]
+    replica.params.areaRngLbl = ["all"]
+    replica.params.maxDets = [100]
+    replica._paramsEval = copy.copy(replica.params)
     replica.evalImgs = [evaluator.evalImgs[i] for i in order]
     replica.accumulate()
-    area_all = list(replica.params.areaRngLbl).index("all")
-    at_100 = list(replica.params.maxDets).index(100)
-    precision = replica.eval["precision"][:, :, :, area_all, at_100]  # [T, R, K]
+    precision = replica.eval["precision"][:, :, :, 0, 0]  # [T, R, K]
     defined = precision[precision > -1]
     return float(defined.mean()) if defined.size else math.nan
 
