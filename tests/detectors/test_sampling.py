@@ -467,3 +467,52 @@ def test_the_fill_uses_the_given_generator_not_the_global_rng():
         torch.manual_seed(global_seed)
         draws.append(instance_balanced_pos_sample(torch.tensor([0] * 50 + [1] * 2), 20, generator=_gen(0)))
     assert torch.equal(draws[0], draws[1])
+
+
+def _every_path(inputs, generator_seed):
+    """Every public sampler on every branch that creates tensors, on the CPU inputs `inputs`
+    (max_ious [M] float32, gt_indices [P] int64, made outside any default-device context).
+
+    generator_seed None draws from the global RNG (seeded here so that runs compare), an int from
+    a fresh CPU generator. Returns the list of index tensors.
+    """
+    max_ious, with_zeros, gt_indices = inputs
+
+    def gen():
+        return None if generator_seed is None else _gen(generator_seed)
+
+    if generator_seed is None:
+        torch.manual_seed(5)
+    return [
+        iou_balanced_neg_sample(max_ious, 100, generator=gen()),  # take all
+        iou_balanced_neg_sample(max_ious, 0, generator=gen()),  # empty
+        iou_balanced_neg_sample(max_ious, 24, generator=gen()),  # bins only
+        iou_balanced_neg_sample(max_ious, 24, floor_thr=0.05, floor_fraction=0.25, generator=gen()),
+        iou_balanced_neg_sample(max_ious.double(), 24, floor_thr=0.05, floor_fraction=0.25,
+                                generator=gen()),
+        iou_balanced_neg_sample(max_ious, 24, bin_max=1.0, generator=gen()),
+        iou_balanced_neg_sample(with_zeros, 24, zero_iou="fill_only", generator=gen()),
+        instance_balanced_pos_sample(gt_indices, 100, generator=gen()),
+        instance_balanced_pos_sample(gt_indices, 0, generator=gen()),
+        instance_balanced_pos_sample(gt_indices, 12, generator=gen()),
+        random_sample(30, 30, generator=gen(), device="cpu"),
+        random_sample(30, 7, generator=gen(), device=torch.device("cpu")),
+    ]
+
+
+@pytest.mark.parametrize("generator_seed", [None, 0])
+def test_tensors_are_made_on_the_inputs_device_not_the_default_device(generator_seed):
+    # On a GPU, a tensor created without device= lands on torch's default device (the CPU, or
+    # whatever set_default_device chose) and mixes devices with the inputs. Make the default device
+    # "meta" (tensors without data): every tensor created on the default device is then a meta
+    # tensor, so a missing device= gives a meta result or an error, while correct code, which
+    # creates everything on its input's device, returns the same CPU indices as without it.
+    max_ious, _ = _three_bins((50, 20, 10), 0)
+    inputs = (max_ious, torch.cat([torch.zeros(20), max_ious]),
+              torch.tensor([0] * 30 + [1] * 4 + [2] * 10))
+    expected = _every_path(inputs, generator_seed)
+    with torch.device("meta"):
+        got = _every_path(inputs, generator_seed)
+    for index, (want, have) in enumerate(zip(expected, got)):
+        assert have.device.type == "cpu", f"call {index}: result on {have.device}"
+        assert have.dtype == torch.int64 and torch.equal(have, want), f"call {index}"

@@ -380,3 +380,59 @@ def test_default_levels_are_first_seen_with_false_first():
     assert [(c.term, c.level) for c in design.contrasts][:2] == [(A, "true"), (K, "3")]
     # C was never set: one level (null), named by its key when no label is given.
     assert design.notes == [f"{C} has one level in these runs: no effect to estimate"]
+
+
+def test_a_factor_with_more_levels_names_each_level_in_its_terms():
+    K = "detector.k"
+    values = [{A: a, K: k} for a in (False, True) for k in (3, 5, 7)]
+    design = effects.build_design(values * 2, [0] * 6 + [1] * 6, [A, K], labels={A: "a"})
+    # A two-level factor's term is its label; a three-level one names the level, in the
+    # interactions too; label and level of an interaction name both factors.
+    assert [(c.term, c.label, c.level) for c in design.contrasts] == [
+        ("a", "a", "true"), (f"{K}=5", K, "5"), (f"{K}=7", K, "7"),
+        (f"a x {K}=5", f"a x {K}", "true x 5"), (f"a x {K}=7", f"a x {K}", "true x 7")]
+    # A delta design names every level, even with two configurations.
+    delta = effects.delta_table(["x", "y"] * 2, [0, 0, 1, 1], [1.0, 2.0, 1.5, 2.5], "x")
+    assert list(delta["term"]) == ["_configuration=y"] and list(delta["kind"]) == ["delta"]
+
+
+def test_holm_of_one_family_closed_form_and_cap():
+    # [0.01, 0.04, 0.03]: sorted 0.01 x 3, 0.03 x 2, 0.04 x 1 -> 0.03, 0.06, then max(0.06, 0.04).
+    np.testing.assert_allclose(effects.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06], atol=1e-15)
+    assert effects.holm(np.array([0.01, 0.04, 0.03])).shape == (3,)
+    np.testing.assert_array_equal(effects.holm([0.6, 0.7]), [1.0, 1.0])  # capped at 1
+
+
+def test_estimates_are_float_arrays_with_nan_where_nothing_is_estimated():
+    values, seeds = grid_runs(2)
+    kept = [i for i, v in enumerate(values) if not (v[A] and v[B])]
+    design = effects.build_design([values[i] for i in kept], [seeds[i] for i in kept], [A, B, C])
+    fit = design.estimate(np.random.default_rng(5).normal(size=len(kept)))
+    saturated = effects.build_design([{A: False}, {A: True}], [0, 0], [A])
+    assert saturated.df_resid == 0
+    for out in (fit, saturated.estimate([1.0, 2.0])):
+        for name in ("estimate", "se", "ci_low", "ci_high", "p", "p_holm"):
+            assert out[name].dtype == float, name
+    assert np.isnan(fit["ci_low"]).any() and np.isnan(saturated.estimate([1.0, 2.0])["p"]).all()
+
+
+def test_an_exact_fit_of_negative_values_has_no_spread():
+    # The rounding threshold is on the data's squared norm, whatever their sign (deltas < 0).
+    values, seeds = grid_runs(2)
+    y = -np.array([30.0 + (1.0 if v[A] else 0.0) + 0.5 * s for v, s in zip(values, seeds)])
+    table = effects._rows(effects.build_design(values, seeds, [A, B, C]), y, 0.95)
+    assert table.attrs["sigma"] == 0.0 and (table["note"] == effects.NO_SPREAD).all()
+
+
+def test_seeds_each_in_one_configuration_are_not_a_block():
+    # Seeds 0, 1 for one level and 2, 3 for the other pair nothing: a seed block would be
+    # confounded with the factor and leave its effect not estimable.
+    design = effects.build_design([{A: False}, {A: False}, {A: True}, {A: True}], [0, 1, 2, 3], [A])
+    assert not design.blocked and design.estimable.all() and design.df_resid == 2
+
+
+def test_one_factor_without_residual_df_has_no_interaction_note():
+    design = effects.build_design([{A: False}, {A: True}], [0, 0], [A])
+    assert design.df_resid == 0 and design.notes == []
+    empty = effects.build_design([], [], [A])
+    assert empty.df_resid == 0 and empty.contrasts == []

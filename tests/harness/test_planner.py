@@ -6,6 +6,7 @@ import itertools
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -176,3 +177,47 @@ def test_plan_adds_the_detectable_effect_and_the_seed_count():
     assert math.isnan(out.at[f"{A} x {B}", "detectable"]) and math.isfinite(out.at[C, "detectable"])
     empty = effects.effects_table(None, [A])
     assert len(planner.plan(empty, target_effect=1.0)) == 0
+
+
+def test_complete_design_names_the_effects_with_the_given_labels():
+    design = fitted(factors=(A, B)).attrs["design"]
+    full = planner.complete_design(design, 3, labels={A: "a", B: "b"})
+    assert [c.term for c in full.contrasts] == ["a", "b", "a x b"]
+    assert [c.label for c in full.contrasts] == ["a", "b", "a x b"]
+
+
+def test_detectable_effect_below_one_unit():
+    # The root search starts at zero: an se of 0.01 at large df detects 0.028 (z_0.975 + z_0.8).
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
+    assert planner.detectable_effect(0.01, 10 ** 6) == pytest.approx(0.01 * z, rel=1e-4)
+
+
+def test_seeds_needed_can_be_two_even_at_one_residual_df():
+    # A large target is met at the floor of 2 seeds; a two-configuration delta design has a single
+    # residual df at 2 seeds (4 runs: mean, delta, seed), and t at 1 df still resolves 100 sigma.
+    design = fitted().attrs["design"]
+    assert planner.seeds_needed(design, 1.0, 100.0) == [2] * len(design.contrasts)
+    two = effects.delta_table(["x", "y", "x", "y"], [0, 0, 1, 1], [1.0, 2.0, 1.5, 2.0], "x").attrs["design"]
+    assert planner.design_at(two, 2)[1] == 1
+    assert planner.seeds_needed(two, 1.0, 100.0) == [2]
+
+
+def test_seeds_needed_refuses_unknown_sigma_or_no_target_at_any_power():
+    # A power target below the test's level is met by any se (even an infinite one: power = level),
+    # so only the guards keep an unknown sigma or a zero target from answering "2 seeds".
+    design = fitted().attrs["design"]
+    for sigma, target in ((math.inf, 1.0), (-1.0, 1.0), (1.0, 0.0)):
+        assert planner.seeds_needed(design, sigma, target, target_power=0.01) == \
+            [None] * len(design.contrasts), (sigma, target)
+
+
+def test_plan_leaves_a_missing_se_blank():
+    # A frame whose se column holds None (an object column, e.g. rows without a fit) gets NaN there.
+    table = fitted()
+    bare = table[["term", "kind"]].copy()
+    bare["se"] = pd.Series([None] + list(table["se"].iloc[1:]), dtype=object)
+    bare.attrs["df_resid"] = table.attrs["df_resid"]
+    out = planner.plan(bare)
+    assert math.isnan(out.at[0, "detectable"])
+    assert out.at[1, "detectable"] == pytest.approx(
+        planner.detectable_effect(table.at[1, "se"], table.attrs["df_resid"]), rel=1e-12)
