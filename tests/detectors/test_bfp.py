@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid, NonLocalBlock2d, _add_upsampled
+from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid, NonLocalBlock2d, _add_upsampled, _resize
 
 CHANNELS = 4
 ODD_SIZES = [(25, 38), (13, 19), (7, 10), (4, 5), (2, 3)]
@@ -112,6 +112,44 @@ def test_broadcast_upsample_add_equals_interpolate_exactly(fh, fw):
     odd = torch.randn(2, 3, 5 * fh + 1, 4 * fw, generator=gen)
     assert torch.equal(_add_upsampled(odd, small),
                        odd + F.interpolate(small, size=odd.shape[-2:], mode="nearest"))
+
+
+@pytest.mark.parametrize("fh, fw", [(1, 1), (2, 2), (3, 1), (2, 5), (4, 6)])
+def test_upsample_add_gradient_is_the_block_sum_in_first_and_second_order(fh, fw):
+    # The hand-written backward against autograd's numerical gradient (float64), and its own
+    # backward (double backward, e.g. a gradient penalty) through gradgradcheck.
+    gen = torch.Generator().manual_seed(fh * 10 + fw)
+    small = torch.randn(1, 2, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(1, 2, 3 * fh, 2 * fw, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_add_upsampled, (base, small))
+    assert torch.autograd.gradgradcheck(_add_upsampled, (base, small))
+    upstream = torch.randn(base.shape, generator=gen, dtype=torch.float64)
+    grad_base, grad_small = torch.autograd.grad((_add_upsampled(base, small) * upstream).sum(),
+                                                (base, small))
+    assert torch.equal(grad_base, upstream)
+    block_sums = upstream.reshape(1, 2, 3, fh, 2, fw).sum(dim=(3, 5))
+    torch.testing.assert_close(grad_small, block_sums, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(4, 4), (2, 8), (5, 7)])  # whole factors (two), not whole
+def test_shrinking_equals_adaptive_max_pooling_with_and_without_gradients(size):
+    # Both fast paths (max_pool2d with gradients, block reductions without) give
+    # adaptive_max_pool2d's values; the gradient goes where its gradient goes, ties included:
+    # a constant block (a padded border's features) sends its gradient to one entry, the first.
+    gen = torch.Generator().manual_seed(size[0] * 10 + size[1])
+    x = torch.randn(2, 3, 12, 40, generator=gen)
+    x[:, :, :6, :10] = 0.25  # ties inside whole blocks
+    want = F.adaptive_max_pool2d(x, size)
+    with torch.no_grad():
+        assert torch.equal(_resize(x, size, shrink=True), want)
+    leaf, ref_leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    upstream = torch.randn(want.shape, generator=gen)
+    got = _resize(leaf, size, shrink=True)
+    assert torch.equal(got, want)
+    got.backward(upstream)
+    F.adaptive_max_pool2d(ref_leaf, size).backward(upstream)
+    assert torch.equal(leaf.grad, ref_leaf.grad)
+    assert torch.count_nonzero(leaf.grad[0, 0, :6, :10]) <= 4  # one entry per tied block
 
 
 def _reference_bfp(bfp, levels):
