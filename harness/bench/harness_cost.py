@@ -111,15 +111,14 @@ def _study_runs(uri: str, experiment: str) -> tuple[tuple[float, float], list[Tr
     """((parent run start, end), trials by opening time) from the study's MLflow experiment."""
     from harness.tracking import read_runs
 
-    runs = read_runs(uri, experiment)
-    parents = [r for r in runs if r.get("tags.libra.role") == "study"]
+    parents = read_runs(uri, experiment, "study")
     if len(parents) != 1:
         raise RuntimeError(f"expected one study run in {uri}, found {len(parents)}")
-    trials = sorted((TrialTiming(
+    trials = [TrialTiming(
         label=str(r.get("tags.libra.label")), state=str(r.get("tags.libra.trial_state")),
         opened_at=r["start_time"].timestamp(), closed_at=r["end_time"].timestamp(),
         wall_s=float(r.get("metrics.trial_wall_seconds", math.nan)),
         fit_s=float(r.get("metrics.total_train_seconds", math.nan)),
         eval_s=float(r.get("metrics.total_eval_seconds", math.nan)),
-    ) for r in runs if r.get("tags.libra.role") == "trial"), key=lambda t: t.opened_at)
+    ) for r in read_runs(uri, experiment, "trial")]  # oldest first: by opening time
     return (parents[0]["start_time"].timestamp(), parents[0]["end_time"].timestamp()), trials
