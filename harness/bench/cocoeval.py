@@ -33,14 +33,12 @@ class SyntheticEvalSet(namedtuple("SyntheticEvalSet", "image_sizes gt_image_inde
         """(the COCO ground-truth dataset, the result records)."""
         images = [{"id": i + 1, "height": h, "width": w, "file_name": f"{i + 1:012d}.jpg"}
                   for i, (h, w) in enumerate(self.image_sizes.tolist())]
-        annotations = [{"id": k + 1, "image_id": img + 1, "category_id": cat, "bbox": box, "area": area,
-                        "iscrowd": crowd} for k, (img, cat, box, area, crowd) in enumerate(zip(
-                            self.gt_image_index.tolist(), self.gt_categories.tolist(), self.gt_boxes.tolist(),
-                            self.gt_areas.tolist(), self.gt_iscrowd.tolist()))]
+        annotations = pd.DataFrame({"id": np.arange(1, len(self.gt_boxes) + 1), "image_id": self.gt_image_index + 1,
+                                    "category_id": self.gt_categories, "bbox": self.gt_boxes.tolist(),
+                                    "area": self.gt_areas, "iscrowd": self.gt_iscrowd}).to_dict("records")
         categories = [{"id": c, "name": f"class_{c}", "supercategory": "synthetic"} for c in COCO_CATEGORY_IDS]
-        detections = [{"image_id": img + 1, "category_id": cat, "bbox": box, "score": score}
-                      for img, cat, box, score in zip(self.det_image_index.tolist(), self.det_categories.tolist(),
-                                                      self.det_boxes.tolist(), self.det_scores.tolist())]
+        detections = pd.DataFrame({"image_id": self.det_image_index + 1, "category_id": self.det_categories,
+                                   "bbox": self.det_boxes.tolist(), "score": self.det_scores}).to_dict("records")
         return {"images": images, "annotations": annotations, "categories": categories}, detections
 
 

@@ -176,13 +176,9 @@ class Runner:
 
 def run_model_bench(base: DetectorConfig, settings: ModelBenchSettings, *, progress: Progress = quiet,
                     ) -> ModelBenchResult:
-    """Time the `variants()` of `base` side by side (plus the A/A control with settings.control).
-
-    Every variant is built after torch.manual_seed(seed); `warmup` untimed and `iters` timed
-    rounds follow, in round r the variants in a fixed order rotated by r, each taking one
-    training step then one inference batch. The batch is already on the device, so data
-    loading is in neither time.
-    """
+    """Time the `variants()` of `base` side by side (plus the A/A control with settings.control),
+    as the module docstring says: in round r the variants in a fixed order rotated by r. The
+    batch is already on the device, so data loading is in neither time."""
     import pandas as pd
 
     device = torch.device(settings.device)

@@ -56,11 +56,6 @@ def model_table(rows) -> list[dict[str, str]]:
     return table
 
 
-def _agreement(row) -> str:
-    return "identical" if row.identical_to_pycocotools else (
-        "equal to float rounding" if row.agrees_with_pycocotools else "DIFFER")
-
-
 def sections(plan: Plan, res: Results) -> str:
     """The measured parts' sections (markdown) and the targets."""
     det, s, md = plan.detector, plan.settings, []
@@ -121,7 +116,9 @@ def sections(plan: Plan, res: Results) -> str:
                f"accumulate, summarize), median of {first.repeats} run(s) per backend.", "",
                md_table([{"backend": r.backend, "total s": f"{r.total_s:.1f}", "load s": f"{r.load_s:.1f}",
                           "evaluate s": f"{r.evaluate_s:.1f}", "accumulate+summarize s": f"{r.accumulate_summarize_s:.1f}",
-                          "speed-up": f"{r.speedup:.1f}x", "12 stats vs pycocotools": _agreement(r),
+                          "speed-up": f"{r.speedup:.1f}x", "12 stats vs pycocotools": (
+                              "identical" if r.identical_to_pycocotools
+                              else "equal to float rounding" if r.agrees_with_pycocotools else "DIFFER"),
                           "max abs diff": f"{r.max_abs_diff_vs_pycocotools:.2g}"} for r in res.cocoeval]), "",
                "Stats (pycocotools): " + ", ".join(f"{n} {v:.4f}" for n, v in zip(STAT_NAMES, first.stats)) + "."]
         if len(res.cocoeval) == 1:

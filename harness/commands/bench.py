@@ -38,10 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to measure")
     detector = what.add_mutually_exclusive_group()  # both choose the detector
     detector.add_argument("--preset", choices=PRESETS, help=f"detector and input settings: cpu-quickstart = "
-                      f"{QUICKSTART_CONFIG}'s detector, images and batch; paper = R-50-FPN at 800x1333, batch 2 "
-                      "(default: paper on CUDA, cpu-quickstart on the CPU)")
-    detector.add_argument("--config", metavar="CONFIG.yaml",
-                      help="take the detector, image size and batch from this run configuration instead of a preset")
+                          f"{QUICKSTART_CONFIG}'s detector, images and batch; paper = R-50-FPN at 800x1333, batch 2 "
+                          "(default: paper on CUDA, cpu-quickstart on the CPU)")
+    detector.add_argument("--config", metavar="CONFIG.yaml", help="take the detector, image size and batch from "
+                          "this run configuration instead of a preset")
     what.add_argument("--what", metavar="PARTS", help="comma-separated parts: model (component costs), sampler "
                       "(IoU-balanced sampler micro-benchmark), cocoeval (COCOeval backends), harness (the quick-start "
                       "study's wall time taken apart, several minutes); default: all four with cpu-quickstart, "
