@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import statistics
 import time
 from collections import namedtuple
 from typing import Optional, Sequence
 
 import numpy as np
+import pandas as pd
 
 from detectors.evaluation import as_backend_coco, backend_available, coco_backend
 from harness.bench.model import Progress, quiet
@@ -33,14 +33,12 @@ class SyntheticEvalSet(namedtuple("SyntheticEvalSet", "image_sizes gt_image_inde
         """(the COCO ground-truth dataset, the result records)."""
         images = [{"id": i + 1, "height": h, "width": w, "file_name": f"{i + 1:012d}.jpg"}
                   for i, (h, w) in enumerate(self.image_sizes.tolist())]
-        annotations = [{"id": k + 1, "image_id": img + 1, "category_id": cat, "bbox": box, "area": area,
-                        "iscrowd": crowd} for k, (img, cat, box, area, crowd) in enumerate(zip(
-                            self.gt_image_index.tolist(), self.gt_categories.tolist(), self.gt_boxes.tolist(),
-                            self.gt_areas.tolist(), self.gt_iscrowd.tolist()))]
+        annotations = pd.DataFrame({"id": np.arange(1, len(self.gt_boxes) + 1), "image_id": self.gt_image_index + 1,
+                                    "category_id": self.gt_categories, "bbox": self.gt_boxes.tolist(),
+                                    "area": self.gt_areas, "iscrowd": self.gt_iscrowd}).to_dict("records")
         categories = [{"id": c, "name": f"class_{c}", "supercategory": "synthetic"} for c in COCO_CATEGORY_IDS]
-        detections = [{"image_id": img + 1, "category_id": cat, "bbox": box, "score": score}
-                      for img, cat, box, score in zip(self.det_image_index.tolist(), self.det_categories.tolist(),
-                                                      self.det_boxes.tolist(), self.det_scores.tolist())]
+        detections = pd.DataFrame({"image_id": self.det_image_index + 1, "category_id": self.det_categories,
+                                   "bbox": self.det_boxes.tolist(), "score": self.det_scores}).to_dict("records")
         return {"images": images, "annotations": annotations, "categories": categories}, detections
 
 
@@ -131,8 +129,7 @@ def run_cocoeval_bench(num_images: int = 5000, *, repeats: int = 1, seed: int = 
     data = synthetic_eval_set(num_images, seed=seed)
     progress(f"[cocoeval] {num_images} images, {len(data.gt_boxes)} gt boxes, {len(data.det_boxes)} detections "
              f"generated in {time.perf_counter() - start:.1f} s")
-    runs: dict[str, list[dict[str, float]]] = {b: [] for b in backends}
-    stats: dict[str, np.ndarray] = {}
+    runs, stats = [], {}  # runs: a backend's phase times per evaluation; stats: its 12 numbers
     for r in range(repeats):
         for backend in list(backends[r % len(backends):]) + list(backends[: r % len(backends)]):
             progress(f"[cocoeval] repeat {r + 1}/{repeats}: {backend} ...")
@@ -140,16 +137,16 @@ def run_cocoeval_bench(num_images: int = 5000, *, repeats: int = 1, seed: int = 
             if backend in stats and not np.array_equal(stats[backend], values, equal_nan=True):
                 raise RuntimeError(f"{backend} gave different numbers on a repeat")
             stats[backend] = values
-            runs[backend].append(times)
+            runs.append({"backend": backend, **times})
             progress(f"[cocoeval] repeat {r + 1}/{repeats}: {backend} {times['total_s']:.1f} s")
-    reference, ref_total = stats["pycocotools"], statistics.median(t["total_s"] for t in runs["pycocotools"])
+    medians, reference = pd.DataFrame(runs).groupby("backend").median(), stats["pycocotools"]  # [backend, phase]
     results = []
     for backend in backends:
-        medians = {k: statistics.median(t[k] for t in runs[backend]) for k in runs[backend][0]}
         diff = float(np.nanmax(np.abs(stats[backend] - reference))) if np.isfinite(reference).any() else 0.0
         results.append(CocoEvalResult(
             backend=backend, num_images=data.num_images, num_gt=len(data.gt_boxes), num_detections=len(data.det_boxes),
-            repeats=repeats, **medians, speedup=ref_total / medians["total_s"],
+            repeats=repeats, **medians.loc[backend].astype(float).to_dict(),
+            speedup=float(medians.total_s["pycocotools"] / medians.total_s[backend]),
             stats=tuple(stats[backend].tolist()), max_abs_diff_vs_pycocotools=diff,
             identical_to_pycocotools=bool(np.array_equal(stats[backend], reference, equal_nan=True)),
             agrees_with_pycocotools=bool(np.allclose(stats[backend], reference, rtol=0, atol=1e-12, equal_nan=True))))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -67,25 +66,25 @@ def harness_cost(study: str, trials: Sequence[TrialTiming], *, slots: int, proce
 
 def run_harness_bench(study_path: str, *, overrides: Sequence[str] = (), progress: Progress = quiet) -> HarnessCost:
     """`libra run STUDY` in a fresh work dir (local Ray, SQLite MLflow, Optuna journal), taken
-    apart by `harness_cost`. The synthetic data is generated before the clock starts (a first
-    run pays for it once; it is not the harness's cost); RAY_ADDRESS is dropped, so the study
-    starts its own local cluster as the quick-start does."""
+    apart by `harness_cost` from the study's MLflow runs (read_runs: the parent, then the trials
+    oldest first). The synthetic data is generated before the clock starts (a first run pays
+    for it once; it is not the harness's cost); RAY_ADDRESS is dropped, so the study starts its
+    own local cluster as the quick-start does."""
     from detectors.data.synthetic import ensure_synthetic
     from harness.spec import load_study
     from harness.stores import default_uri, study_stores
+    from harness.tracking import read_runs
 
     study = load_study(study_path, overrides)
     for root, synthetic in {(p.config.data.root, p.config.data.synthetic) for p in study.trials()
                             if p.config.data.kind == "synthetic"} if study.kind == "grid" else ():
         progress(f"[harness] synthetic data ready: {ensure_synthetic(root, synthetic)['train_images']}")
-    work_dir = tempfile.mkdtemp(prefix="libra-harness-bench-")
-    uri = default_uri(work_dir)
-    command = [sys.executable, "-m", "harness.cli", "run", os.path.abspath(study_path), "--work-dir", work_dir,
-               "--tracking-uri", uri] + [a for text in overrides for a in ("--set", text)]
-    progress(f"[harness] {' '.join(command[1:])}")
-    slots, last = None, ""
-    try:
-        process_start = time.time()
+    with tempfile.TemporaryDirectory(prefix="libra-harness-bench-", ignore_cleanup_errors=True) as work_dir:
+        uri, experiment = default_uri(work_dir), study_stores(study).experiment
+        command = [sys.executable, "-m", "harness.cli", "run", os.path.abspath(study_path), "--work-dir", work_dir,
+                   "--tracking-uri", uri] + [a for text in overrides for a in ("--set", text)]
+        progress(f"[harness] {' '.join(command[1:])}")
+        slots, last, process_start = None, "", time.time()
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
         for line in proc.stdout:
@@ -100,26 +99,15 @@ def run_harness_bench(study_path: str, *, overrides: Sequence[str] = (), progres
             raise RuntimeError(f"the study run failed (exit {rc}): {last}")
         if slots is None:
             raise RuntimeError("the study run did not say how many trials it ran at once ('up to N at once')")
-        (study_start, study_end), trials = _study_runs(uri, study_stores(study).experiment)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        parents = read_runs(uri, experiment, "study")
+        if len(parents) != 1:
+            raise RuntimeError(f"expected one study run in {uri}, found {len(parents)}")
+        trials = [TrialTiming(
+            label=str(r.get("tags.libra.label")), state=str(r.get("tags.libra.trial_state")),
+            opened_at=r["start_time"].timestamp(), closed_at=r["end_time"].timestamp(),
+            wall_s=float(r.get("metrics.trial_wall_seconds", math.nan)),
+            fit_s=float(r.get("metrics.total_train_seconds", math.nan)),
+            eval_s=float(r.get("metrics.total_eval_seconds", math.nan)),
+        ) for r in read_runs(uri, experiment, "trial")]
     return harness_cost(study.name, trials, slots=slots, process_start=process_start, process_end=process_end,
-                        study_start=study_start, study_end=study_end)
-
-
-def _study_runs(uri: str, experiment: str) -> tuple[tuple[float, float], list[TrialTiming]]:
-    """((parent run start, end), trials by opening time) from the study's MLflow experiment."""
-    from harness.tracking import read_runs
-
-    runs = read_runs(uri, experiment)
-    parents = [r for r in runs if r.get("tags.libra.role") == "study"]
-    if len(parents) != 1:
-        raise RuntimeError(f"expected one study run in {uri}, found {len(parents)}")
-    trials = sorted((TrialTiming(
-        label=str(r.get("tags.libra.label")), state=str(r.get("tags.libra.trial_state")),
-        opened_at=r["start_time"].timestamp(), closed_at=r["end_time"].timestamp(),
-        wall_s=float(r.get("metrics.trial_wall_seconds", math.nan)),
-        fit_s=float(r.get("metrics.total_train_seconds", math.nan)),
-        eval_s=float(r.get("metrics.total_eval_seconds", math.nan)),
-    ) for r in runs if r.get("tags.libra.role") == "trial"), key=lambda t: t.opened_at)
-    return (parents[0]["start_time"].timestamp(), parents[0]["end_time"].timestamp()), trials
+                        study_start=parents[0]["start_time"].timestamp(), study_end=parents[0]["end_time"].timestamp())

@@ -11,15 +11,15 @@ reset after the imports (/proc/self/clear_refs); its RSS before the model is the
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import math
 import multiprocessing
 import re
 import resource
+from collections import namedtuple
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -110,48 +110,27 @@ class ModelBenchSettings:
     control: bool = True  # also time an identical copy of the baseline (the noise floor)
 
 
-@dataclass(frozen=True)
-class VariantResult:
-    """One variant's figures. Times in seconds; ratios are to the baseline (baseline = 1.0)."""
-
-    variant: str
-    flags: dict[str, bool]  # component name -> on, in detectors.components order
-    num_params: int
-    train_step_s: float  # median over timed rounds, with its IQR
-    train_step_s_q25: float
-    train_step_s_q75: float
-    infer_batch_s: float
-    infer_batch_s_q25: float
-    infer_batch_s_q75: float
-    infer_images_per_s: float  # batch_size / median inference batch time
-    peak_memory_mb: Optional[float]  # see the module docstring; None when not measured
-    idle_memory_mb: Optional[float]  # CPU only: RSS of the probe process before building the model
-    memory_method: str  # how peak_memory_mb was measured, in words
-    train_time_ratio: float  # median over rounds of (this step / the baseline's in that round), IQR
-    train_time_ratio_q25: float
-    train_time_ratio_q75: float
-    infer_throughput_ratio: float  # median over rounds of baseline's / this inference time
-    memory_ratio: Optional[float]
-    memory_above_idle_ratio: Optional[float]  # CPU: (peak - idle) / the baseline's, without torch's ~0.7 GB
-    final_loss: float  # last timed step's total loss: finite, or the timings are suspect
-
-    def __getattr__(self, name: str):
-        # row.iou_balanced_sampling etc.: each component's switch reads like a field.
-        flags = self.__dict__.get("flags") or {}
-        if name in flags:
-            return flags[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def as_row(self) -> dict[str, Any]:
-        """Flat mapping for a CSV: variant, one bool per component, then the figures."""
-        row = dataclasses.asdict(self)
-        return {"variant": row.pop("variant"), **row.pop("flags"), **row}
+# One variant's figures (a VariantResult: the variant, one bool per component in
+# detectors.components order, then FIGURES). Times in seconds, medians over the timed rounds with
+# their IQR (_q25, _q75); infer_images_per_s is batch_size / the median inference batch time.
+# Ratios are to the baseline (baseline = 1.0): train_time_ratio is the median over rounds of (this
+# step / the baseline's in that round), with its IQR; infer_throughput_ratio the median of the
+# baseline's / this inference time. peak_memory_mb: see the module docstring; idle_memory_mb (CPU
+# only) the probe process's RSS before the model is built; memory_above_idle_ratio (CPU) (peak -
+# idle) / the baseline's, without torch's ~0.7 GB; all three and memory_ratio None when not
+# measured, memory_method how it was, in words. final_loss: the last timed step's total loss,
+# finite, or the timings are suspect.
+FIGURES = ("num_params train_step_s train_step_s_q25 train_step_s_q75 infer_batch_s infer_batch_s_q25 "
+           "infer_batch_s_q75 infer_images_per_s peak_memory_mb idle_memory_mb memory_method train_time_ratio "
+           "train_time_ratio_q25 train_time_ratio_q75 infer_throughput_ratio memory_ratio memory_above_idle_ratio "
+           "final_loss").split()
+# rows: a VariantResult per variant; rounds: per timed (round, variant) its position, train_s, infer_s.
+ModelBenchResult = namedtuple("ModelBenchResult", "rows rounds")
 
 
-@dataclass(frozen=True)
-class ModelBenchResult:
-    rows: list[VariantResult]
-    rounds: list[dict] = field(default_factory=list)  # per timed (round, variant): position, train_s, infer_s
+def variant_result() -> type:
+    """The VariantResult namedtuple for the components declared now (row.iou_balanced_sampling, ...)."""
+    return namedtuple("VariantResult", ["variant", *(c.name for c in components()), *FIGURES])
 
 
 class Runner:
@@ -197,13 +176,9 @@ class Runner:
 
 def run_model_bench(base: DetectorConfig, settings: ModelBenchSettings, *, progress: Progress = quiet,
                     ) -> ModelBenchResult:
-    """Time the `variants()` of `base` side by side (plus the A/A control with settings.control).
-
-    Every variant is built after torch.manual_seed(seed); `warmup` untimed and `iters` timed
-    rounds follow, in round r the variants in a fixed order rotated by r, each taking one
-    training step then one inference batch. The batch is already on the device, so data
-    loading is in neither time.
-    """
+    """Time the `variants()` of `base` side by side (plus the A/A control with settings.control),
+    as the module docstring says: in round r the variants in a fixed order rotated by r. The
+    batch is already on the device, so data loading is in neither time."""
     import pandas as pd
 
     device = torch.device(settings.device)
@@ -241,12 +216,12 @@ def run_model_bench(base: DetectorConfig, settings: ModelBenchSettings, *, progr
             progress(f"[model] round {r + 1 - settings.warmup}/{settings.iters}, train s/step: "
                      + ", ".join(f"{x['variant']} {x['train_s']:.3f}" for x in rounds[-len(names):]))
 
-    peak, idle, method = dict.fromkeys(names), dict.fromkeys(names), dict.fromkeys(names, "not measured")
+    memory = dict.fromkeys(names, (None, None, "not measured"))  # name -> (peak MB, idle MB, how measured)
     if cuda_memory:  # what a run of the variant alone would see: resident + batch + step peak
         batch_bytes = sum(t.numel() * t.element_size() for t in images + [v for t in targets for v in t.values()])
         for name in names:
-            peak[name] = (runners[name].resident_bytes() + batch_bytes + step_peak_above[name]) / 2**20
-            method[name] = "CUDA allocator: resident tensors + batch + training step's peak above them"
+            memory[name] = ((runners[name].resident_bytes() + batch_bytes + step_peak_above[name]) / 2**20, None,
+                            "CUDA allocator: resident tensors + batch + training step's peak above them")
     final_loss = {n: float(runners[n].last_loss) for n in names}
     num_params = {n: sum(p.numel() for p in runners[n].model.parameters()) for n in names}
     del runners, images, targets
@@ -257,9 +232,8 @@ def run_model_bench(base: DetectorConfig, settings: ModelBenchSettings, *, progr
         for name in names[:-1] if settings.control else names:  # the control would repeat the baseline
             progress(f"[model] memory: fresh process for {name}")
             probe = cpu_memory_probe(configs[name], settings)
-            peak[name], idle[name] = probe["peak_rss_mb"], probe["idle_rss_mb"]
-            method[name] = "peak RSS of a fresh process" + (
-                ", reset after imports" if probe["peak_reset_after_imports"] else ", imports included")
+            memory[name] = (probe["peak_rss_mb"], probe["idle_rss_mb"], "peak RSS of a fresh process"
+                            + (", reset after imports" if probe["peak_reset_after_imports"] else ", imports included"))
 
     frame = pd.DataFrame(rounds)
     train, infer = (frame.pivot(index="round", columns="variant", values=v) for v in ("train_s", "infer_s"))
@@ -269,22 +243,21 @@ def run_model_bench(base: DetectorConfig, settings: ModelBenchSettings, *, progr
         q = values.quantile([0.25, 0.5, 0.75])  # linear interpolation, as numpy's percentile
         figures.update({f"{key}_q25": q.loc[0.25], key: q.loc[0.5], f"{key}_q75": q.loc[0.75]})
     figures["infer_throughput_ratio"] = (1.0 / infer.div(infer[BASELINE], axis=0)).median()
-    table, results = variants(), []
+    row_type, switches, rows = variant_result(), variants(), []
+    base_peak, base_idle, _ = memory[BASELINE]
     for name in names:
-        above_idle = None
-        if idle[name] is not None and peak[BASELINE] - idle[BASELINE] > 0:
-            above_idle = (peak[name] - idle[name]) / (peak[BASELINE] - idle[BASELINE])
+        peak, idle, method = memory[name]
         fig = {k: float(v[name]) for k, v in figures.items()}
-        results.append(VariantResult(
-            variant=name, flags={c.name: on for c, on in zip(components(), table.get(name, table[BASELINE]))},
-            num_params=num_params[name], **fig, infer_images_per_s=settings.batch_size / fig["infer_batch_s"],
-            peak_memory_mb=peak[name], idle_memory_mb=idle[name], memory_method=method[name],
-            memory_ratio=peak[name] / peak[BASELINE] if peak[name] is not None and peak[BASELINE] else None,
-            memory_above_idle_ratio=above_idle, final_loss=final_loss[name]))
-    return ModelBenchResult(rows=results, rounds=rounds)
+        rows.append(row_type(
+            name, *switches.get(name, switches[BASELINE]), num_params=num_params[name], **fig,
+            infer_images_per_s=settings.batch_size / fig["infer_batch_s"], peak_memory_mb=peak, idle_memory_mb=idle,
+            memory_method=method, memory_ratio=peak / base_peak if peak is not None and base_peak else None,
+            memory_above_idle_ratio=(peak - idle) / (base_peak - base_idle)
+            if idle is not None and base_peak - base_idle > 0 else None, final_loss=final_loss[name]))
+    return ModelBenchResult(rows, rounds)
 
 
-def bench_metrics(results: Sequence[VariantResult]) -> dict[str, float]:
+def bench_metrics(results: Sequence[tuple]) -> dict[str, float]:
     """Flat `{metric name: value}` for MLflow: bench.<variant>.<figure>."""
     metrics = {}
     for row in results:

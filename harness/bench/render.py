@@ -1,7 +1,12 @@
-"""Rendering: a benchmark's results as the markdown report and CSVs `libra bench` writes, the
-sections a bench study's trial logs, and the summary printed at the end (tables via pandas)."""
+"""Rendering: a benchmark's results as the markdown report and CSVs `libra bench` writes (the
+machine and versions first), the sections a bench study's trial logs and `libra bench` prints at
+the end (tables via pandas)."""
 from __future__ import annotations
 
+import os
+import platform
+import re
+from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
@@ -23,21 +28,25 @@ def fmt(value: Optional[float], spec: str = ".3f") -> str:
     return "n/m" if value is None else format(value, spec)
 
 
-def md_table(rows: list[dict]) -> str:
-    """A markdown table of display strings (numbers are not re-parsed)."""
-    return pd.DataFrame(rows).fillna("").to_markdown(index=False, disable_numparse=True) if rows else ""
+def iqr(record, key: str, spec: str) -> str:
+    """A figure's median and IQR as text, "median [q25, q75]": record.key, key_q25, key_q75."""
+    return "{:{s}} [{:{s}}, {:{s}}]".format(*(getattr(record, key + end) for end in ("", "_q25", "_q75")), s=spec)
+
+
+def md_table(rows) -> str:
+    """A markdown table of display strings (numbers are not re-parsed); rows: a list of dicts or a DataFrame."""
+    frame = pd.DataFrame(rows)
+    return frame.fillna("").to_markdown(index=False, disable_numparse=True) if len(frame) else ""
 
 
 def model_table(rows) -> list[dict[str, str]]:
     """The component-cost table: one row of display strings per variant."""
     table = []
     for r in rows:
-        row = {"variant": r.variant,
-               "train s/step (median [IQR])": f"{r.train_step_s:.4f} [{r.train_step_s_q25:.4f}, {r.train_step_s_q75:.4f}]",
-               "train time ratio [paired IQR]":
-                   f"{r.train_time_ratio:.3f} [{r.train_time_ratio_q25:.3f}, {r.train_time_ratio_q75:.3f}]",
+        row = {"variant": r.variant, "train s/step (median [IQR])": iqr(r, "train_step_s", ".4f"),
+               "train time ratio [paired IQR]": iqr(r, "train_time_ratio", ".3f"),
                "inference images/s": f"{r.infer_images_per_s:.2f}",
-               "inference s/batch [IQR]": f"{r.infer_batch_s:.4f} [{r.infer_batch_s_q25:.4f}, {r.infer_batch_s_q75:.4f}]",
+               "inference s/batch [IQR]": iqr(r, "infer_batch_s", ".4f"),
                "throughput ratio": f"{r.infer_throughput_ratio:.3f}", "peak memory MB": fmt(r.peak_memory_mb, ".0f"),
                "memory ratio": fmt(r.memory_ratio)}
         if r.idle_memory_mb is not None:
@@ -45,11 +54,6 @@ def model_table(rows) -> list[dict[str, str]]:
             row["above-idle ratio"] = fmt(r.memory_above_idle_ratio)
         table.append(row)
     return table
-
-
-def _agreement(row) -> str:
-    return "identical" if row.identical_to_pycocotools else (
-        "equal to float rounding" if row.agrees_with_pycocotools else "DIFFER")
 
 
 def sections(plan: Plan, res: Results) -> str:
@@ -91,13 +95,11 @@ def sections(plan: Plan, res: Results) -> str:
                f"{sp.device}; {sp.reps} timed calls each, interleaved, each call timed by torch.utils.benchmark.Timer. "
                "'per-bin loop' is `harness.bench.iou_balanced_neg_sample_loop`, a straightforward implementation "
                "written as the comparison baseline; 'random' is the baseline's randperm draw.", "",
-               md_table([{"sampler": name, "us per image (median [IQR])": us, "share of a training step": sh}
-                         for name, us, sh in (
-                   ("vectorised (detectors.sampling)", f"{sp.vectorised_us:.1f} [{sp.vectorised_us_q25:.1f}, "
-                    f"{sp.vectorised_us_q75:.1f}]", share(sp.share_of_step_pct)),
-                   ("per-bin loop (comparison)", f"{sp.loop_us:.1f} [{sp.loop_us_q25:.1f}, {sp.loop_us_q75:.1f}]",
-                    share(sp.loop_share_of_step_pct)),
-                   ("random (baseline's draw)", f"{sp.random_us:.1f}", ""))]), "",
+               md_table(pd.DataFrame([
+                   ("vectorised (detectors.sampling)", iqr(sp, "vectorised_us", ".1f"), share(sp.share_of_step_pct)),
+                   ("per-bin loop (comparison)", iqr(sp, "loop_us", ".1f"), share(sp.loop_share_of_step_pct)),
+                   ("random (baseline's draw)", f"{sp.random_us:.1f}", "")],
+                   columns=["sampler", "us per image (median [IQR])", "share of a training step"])), "",
                f"Loop time / vectorised time: {sp.speedup_vs_loop:.2f}" + (
                    " (the vectorised sampler is the faster)." if sp.speedup_vs_loop > 1
                    else " (the per-bin loop is the faster here).")]
@@ -114,7 +116,9 @@ def sections(plan: Plan, res: Results) -> str:
                f"accumulate, summarize), median of {first.repeats} run(s) per backend.", "",
                md_table([{"backend": r.backend, "total s": f"{r.total_s:.1f}", "load s": f"{r.load_s:.1f}",
                           "evaluate s": f"{r.evaluate_s:.1f}", "accumulate+summarize s": f"{r.accumulate_summarize_s:.1f}",
-                          "speed-up": f"{r.speedup:.1f}x", "12 stats vs pycocotools": _agreement(r),
+                          "speed-up": f"{r.speedup:.1f}x", "12 stats vs pycocotools": (
+                              "identical" if r.identical_to_pycocotools
+                              else "equal to float rounding" if r.agrees_with_pycocotools else "DIFFER"),
                           "max abs diff": f"{r.max_abs_diff_vs_pycocotools:.2g}"} for r in res.cocoeval]), "",
                "Stats (pycocotools): " + ", ".join(f"{n} {v:.4f}" for n, v in zip(STAT_NAMES, first.stats)) + "."]
         if len(res.cocoeval) == 1:
@@ -180,9 +184,33 @@ def _targets(plan: Plan, res: Results) -> list[str]:
     return lines
 
 
+def machine_info(device: Optional[str] = None) -> dict[str, str]:
+    """CPU model, cores, RAM, GPU (if any), load average, and the versions that matter."""
+    import psutil
+    import torch
+    from torch.utils import collect_env
+
+    cpu = re.search(r"Model name:\s*(.+)", collect_env.get_cpu_info(collect_env.run) or "")
+    info = {"cpu": cpu.group(1).strip() if cpu else "unknown", "cpu_cores": str(os.cpu_count()),
+            "torch_threads": str(torch.get_num_threads()), "ram_gb": f"{psutil.virtual_memory().total / 2**30:.1f}",
+            "gpu": "none"}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device).index or 0 if device else 0)
+        info["cuda"] = str(torch.version.cuda)
+    info["load_average_1_5_15"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    info["python"] = platform.python_version()
+    for package in ("torch", "torchvision", "numpy", "pycocotools", "faster-coco-eval"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = "not installed"
+    return info
+
+
 def write_report(out_dir: Path, plan: Plan, res: Results, *, machine: dict, header: str) -> list[Path]:
-    """<name>.md (`header`, the machine, every section, what was not measured) and one CSV per
-    part; returns the paths."""
+    """<name>.md (`header`, `machine` (machine_info at the start) with the load average now, every
+    section, what was not measured) and one CSV per part; returns the paths."""
+    machine = {**machine, "load_average_1_5_15_at_end": " ".join(f"{v:.2f}" for v in os.getloadavg())}
     md = [header, "", "## Machine and versions", "",
           md_table([{"item": k, "value": v} for k, v in machine.items()]), "", sections(plan, res),
           "## Not measured here", ""]
@@ -198,7 +226,7 @@ def write_report(out_dir: Path, plan: Plan, res: Results, *, machine: dict, head
         md.append("- The harness's own cost: add `--what harness` (runs the quick-start study).")
     path = out_dir / f"{plan.name}.md"
     path.write_text("\n".join(md + [""]))
-    tables = {"": res.model and [r.as_row() for r in res.model.rows], "-rounds": res.model and res.model.rounds,
+    tables = {"": res.model and [r._asdict() for r in res.model.rows], "-rounds": res.model and res.model.rounds,
               "-sampler": res.sampler and [res.sampler._asdict()],
               "-cocoeval": res.cocoeval and [{**{k: v for k, v in r._asdict().items() if k != "stats"},
                                               **dict(zip(STAT_NAMES, r.stats))} for r in res.cocoeval],

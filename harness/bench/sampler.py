@@ -81,24 +81,21 @@ SamplerResult = namedtuple("SamplerResult", "device num_candidates num_expected 
                            "train_step_s share_of_step_pct extra_over_random_pct loop_share_of_step_pct")
 
 
-def run_sampler_bench(*, device: str = "cpu", reps: int = 200, warmup: int = 10, num_proposals: int = 2000,
-                      rois_per_image: int = 512, positive_fraction: float = 0.25, num_bins: int = 3,
-                      image_height: int = 800, image_width: int = 1333, seed: int = 0,
+def run_sampler_bench(*, device: str = "cpu", reps: int = 200, warmup: int = 10, num_bins: int = 3,
                       batch_size: Optional[int] = None, train_step_s: Optional[float] = None,
-                      progress: Progress = quiet) -> SamplerResult:
+                      progress: Progress = quiet, **negatives) -> SamplerResult:
     """Time one image's negative sampling three ways, `warmup` untimed then `reps` timed calls
     each, the three taking turns call by call (the order rotated), so drift hits all alike.
     With `batch_size` and `train_step_s` (a step's median with the sampler on) the shares of a
-    training step are given. The defaults are the paper's RPN output and R-CNN batch."""
+    training step are given. `negatives`: realistic_negatives' options (proposals, RoIs, image
+    size, seed); its defaults are the paper's RPN output and R-CNN batch."""
     import pandas as pd
     from torch.utils.benchmark import Timer
 
     from detectors.sampling import iou_balanced_neg_sample
 
     dev = torch.device(device)
-    max_ious, num_expected = realistic_negatives(
-        num_proposals=num_proposals, rois_per_image=rois_per_image, positive_fraction=positive_fraction,
-        image_height=image_height, image_width=image_width, seed=seed, device=dev)
+    max_ious, num_expected = realistic_negatives(device=dev, **negatives)
     calls = {"vectorised": lambda: iou_balanced_neg_sample(max_ious, num_expected, num_bins=num_bins),
              "loop": lambda: iou_balanced_neg_sample_loop(max_ious, num_expected, num_bins=num_bins),
              "random": lambda: torch.randperm(max_ious.numel(), device=dev)[:num_expected]}

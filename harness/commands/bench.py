@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import os
 import shlex
 import time
 from pathlib import Path
@@ -37,11 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  libra bench --what harness --study-set schedule.epochs=2  # the harness's own cost, shorter study\n"
         "  libra bench --preset paper --backbone resnet101 --batch-size 4 --iters 30\n")
     what = parser.add_argument_group("what to measure")
-    what.add_argument("--preset", choices=PRESETS, help=f"detector and input settings: cpu-quickstart = "
-                      f"{QUICKSTART_CONFIG}'s detector, images and batch; paper = R-50-FPN at 800x1333, batch 2 "
-                      "(default: paper on CUDA, cpu-quickstart on the CPU)")
-    what.add_argument("--config", metavar="CONFIG.yaml",
-                      help="take the detector, image size and batch from this run configuration instead of a preset")
+    detector = what.add_mutually_exclusive_group()  # both choose the detector
+    detector.add_argument("--preset", choices=PRESETS, help=f"detector and input settings: cpu-quickstart = "
+                          f"{QUICKSTART_CONFIG}'s detector, images and batch; paper = R-50-FPN at 800x1333, batch 2 "
+                          "(default: paper on CUDA, cpu-quickstart on the CPU)")
+    detector.add_argument("--config", metavar="CONFIG.yaml", help="take the detector, image size and batch from "
+                          "this run configuration instead of a preset")
     what.add_argument("--what", metavar="PARTS", help="comma-separated parts: model (component costs), sampler "
                       "(IoU-balanced sampler micro-benchmark), cocoeval (COCOeval backends), harness (the quick-start "
                       "study's wall time taken apart, several minutes); default: all four with cpu-quickstart, "
@@ -99,27 +99,21 @@ def _image_size(text: str) -> tuple[int, int]:
 
 
 def plan_from_args(args: argparse.Namespace):
-    """The harness.bench.plan.Plan the options ask for; every mistake a one-line UserError."""
+    """(The harness.bench.plan.Plan the options ask for, the torch thread count); every mistake is
+    a one-line UserError or ConfigError, which cli.main reports alike."""
     from detectors.backbones import BACKBONES
-    from detectors.config import ConfigError, DetectorConfig
+    from detectors.config import DetectorConfig
     from detectors.engine import resolve_device
     from harness.bench.model import ModelBenchSettings
     from harness.bench.plan import PARTS, Plan, input_size
     from harness.overrides import load_train_config
 
-    try:
-        device = resolve_device(args.device, where="--device")
-    except ConfigError as err:
-        raise UserError(str(err)) from None
-    for option, value, low in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0),
-                               ("--sampler-reps", args.sampler_reps, 1), ("--cocoeval-images", args.cocoeval_images, 1),
-                               ("--cocoeval-repeats", args.cocoeval_repeats, 1), ("--batch-size", args.batch_size, 1),
-                               ("--min-size", args.min_size, 1), ("--max-size", args.max_size, 1),
-                               ("--threads", args.threads, 1)):
+    device = resolve_device(args.device, where="--device")
+    for dest in ("iters", "warmup", "sampler_reps", "cocoeval_images", "cocoeval_repeats", "batch_size",
+                 "min_size", "max_size", "threads"):
+        value, low = getattr(args, dest), 0 if dest == "warmup" else 1
         if value is not None and value < low:
-            raise UserError(f"{option} must be at least {low}, got {value}")
-    if args.preset and args.config:
-        raise UserError("--preset and --config choose the same thing; pass only one")
+            raise UserError(f"--{dest.replace('_', '-')} must be at least {low}, got {value}")
     if args.amp and device.type != "cuda":
         raise UserError(f"--amp needs a CUDA device (the device is {device}); drop --amp on the CPU")
     preset = args.preset or ("paper" if device.type == "cuda" and not args.config else "cpu-quickstart")
@@ -134,21 +128,16 @@ def plan_from_args(args: argparse.Namespace):
         detector, threads, batch = DetectorConfig(backbone="resnet50", trainable_backbone_layers=3), None, 2
         image_hw, source = None, "paper preset: torchvision's Faster R-CNN R-50-FPN defaults, 800x1333, batch 2"
     else:
-        path = args.config or _repo_file(QUICKSTART_CONFIG)
-        cfg = load_train_config(path)
+        cfg = load_train_config(args.config or _repo_file(QUICKSTART_CONFIG))
         detector, threads, batch = cfg.detector, cfg.schedule.num_threads, cfg.schedule.batch_size
-        image_hw = input_size(cfg)
-        preset = Path(args.config).stem if args.config else preset
+        image_hw, preset = input_size(cfg), Path(args.config).stem if args.config else preset
         source = f"detector, images and batch from {args.config or QUICKSTART_CONFIG}"
     changes = {k: v for k, v in (("backbone", args.backbone), ("min_size", args.min_size),
                                  ("max_size", args.max_size)) if v is not None}
     if changes:
         detector = dataclasses.replace(detector, **changes)
         source += "; overridden: " + ", ".join(f"{k}={v}" for k, v in changes.items())
-    try:
-        detector.validate("detector")
-    except ConfigError as err:
-        raise UserError(str(err)) from None
+    detector.validate("detector")
     if detector.arch != "faster_rcnn":
         raise UserError(f"the benchmark covers Faster R-CNN; the configuration's arch is {detector.arch!r}")
     if detector.backbone not in BACKBONES:
@@ -159,8 +148,6 @@ def plan_from_args(args: argparse.Namespace):
         from harness.spec import load_study
 
         study = args.study or _repo_file(QUICKSTART_STUDY)
-        if not os.path.isfile(study):
-            raise UserError(f"--study {study}: no such file")
         load_study(study, args.study_set, flag="--study-set")  # its mistakes now, not minutes in
     parts = [p for p in PARTS if p in parts]
     name = args.name or (f"{preset}-{device.type}" + ("-amp" if args.amp else "") if {"model", "sampler"} & set(parts)
@@ -175,9 +162,8 @@ def plan_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from harness.bench.environment import machine_info
     from harness.bench.plan import measure
-    from harness.bench.render import sections, write_report
+    from harness.bench.render import machine_info, sections, write_report
 
     plan, threads = plan_from_args(args)
     if threads:
@@ -194,7 +180,6 @@ def run(args: argparse.Namespace) -> int:
     machine = machine_info(plan.settings.device)
     results = measure(plan, progress)
     elapsed = time.perf_counter() - start
-    machine["load_average_1_5_15_at_end"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     header = (f"# Benchmark `{plan.name}`\n\nGenerated {started_at:%Y-%m-%d %H:%M} UTC in {elapsed:.0f} s by:\n\n"
               f"```\nlibra {shlex.join(args._argv)}\n```")
     files = write_report(out_dir, plan, results, machine=machine, header=header)
