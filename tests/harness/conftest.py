@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import yaml
@@ -19,6 +20,14 @@ TINY_BASE = {
                  "amp": False},
     "resources": {"workers": 1, "cpus_per_worker": 1, "concurrency": 2},
 }
+
+# For the tests that kill a driver or a node once a trial has reported its first epoch: 48 steps
+# an epoch (about 1.5 s here) instead of 4, so the kill lands while the trial is still training.
+# With TINY_BASE's 4 steps a quiet machine finished all epochs in the driver's reporting latency,
+# and the resumed attempt had nothing left to resume. The tests still assert on the checkpoint
+# the kill left (checkpoint_epoch), not on this timing.
+LONG_EPOCH_DATA = {"kind": "synthetic",
+                   "synthetic": {"num_train": 96, "num_val": 4, "image_size": 128, "seed": 0}}
 
 BFP = "detector.balanced_feature_pyramid.enabled"
 BL1 = "detector.balanced_l1_loss.enabled"
@@ -59,3 +68,11 @@ def ray_cluster():
              object_store_memory=256 * 1024 ** 2)
     yield ray
     ray.shutdown()
+
+
+def checkpoint_epoch(trial_dir) -> int:
+    """The last epoch a trial's checkpoint.pt holds (what a resumed attempt continues after)."""
+    import torch
+
+    state = torch.load(os.path.join(str(trial_dir), "checkpoint.pt"), map_location="cpu", weights_only=True)
+    return int(state["epoch"])

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 
 from harness.spec import load_study
 from harness.tracking import trial_runs
+from tests.harness.conftest import LONG_EPOCH_DATA, checkpoint_epoch
 
 # pytest runs with --import-mode=importlib and tests/ is no package: the helper module is
 # found beside this file.
@@ -240,7 +241,8 @@ def test_postgres_restarted(parts, write_study, tmp_path):
 
 
 def test_driver_killed_and_command_rerun(parts, write_study, tmp_path):
-    path = _study(write_study, "c_driver", 3, grid={BL1: [False, True]}, resources={"concurrency": 1})
+    path = _study(write_study, "c_driver", 3, grid={BL1: [False, True]}, resources={"concurrency": 1},
+                  data=LONG_EPOCH_DATA)
     labels = [t.label for t in load_study(path).trials()]
     keys = {t.label: t.key for t in load_study(path).trials()}
     argv = ["run", path, "--work-dir", str(tmp_path / "work"), *parts.flags()]
@@ -250,6 +252,8 @@ def test_driver_killed_and_command_rerun(parts, write_study, tmp_path):
         driver.wait_for(f"{labels[1]}: epoch 1/3")  # reported after its checkpoint is written
     finally:
         driver.kill()  # SIGKILL: no clean-up of any kind
+    cut_epoch = checkpoint_epoch(tmp_path / "work" / "trials" / keys[labels[1]])
+    assert 1 <= cut_epoch < 3, f"trial 2 had trained {cut_epoch} of 3 epochs when killed"
     again = Driver(argv, str(tmp_path))
     assert again.finish() == 0, again.log
     assert "resuming: 1 trial(s)" in again.log and "1 trial(s) already done" in again.log
@@ -258,12 +262,12 @@ def test_driver_killed_and_command_rerun(parts, write_study, tmp_path):
     _each_epoch_once(parts, cut["run_id"], 3)
     attempt = json.loads((tmp_path / "work" / "trials" / keys[labels[1]] / "metrics.json")
                          .read_text())["attempt"]
-    assert attempt["attempt_start_epoch"] >= 2  # resumed from its checkpoint, not from scratch
+    assert attempt["attempt_start_epoch"] == cut_epoch + 1  # from its checkpoint, not from scratch
 
 
 def test_second_node_killed_mid_trial(parts, write_study, tmp_path):
     path = _study(write_study, "c_node", 4, grid={BL1: [False, True]}, max_retries=2,
-                  resources={"concurrency": 2})
+                  resources={"concurrency": 2}, data=LONG_EPOCH_DATA)
     work = tmp_path / "work"
     driver = Driver(["run", path, "--work-dir", str(work), *parts.flags()], str(tmp_path))
     client = MlflowClient(parts.mlflow.uri)
@@ -282,6 +286,8 @@ def test_second_node_killed_mid_trial(parts, write_study, tmp_path):
             time.sleep(0.3)
         assert victim is not None, driver.log
         parts.ray.kill_node("127.0.0.2")
+        cut_epoch = checkpoint_epoch(work / "trials" / victim)  # the dead node's last checkpoint
+        assert 1 <= cut_epoch < 4, f"the victim had trained {cut_epoch} of 4 epochs when its node died"
         assert driver.finish() == 0, driver.log
     finally:
         driver.kill()
@@ -294,4 +300,4 @@ def test_second_node_killed_mid_trial(parts, write_study, tmp_path):
     assert int(moved["tags.libra.attempts"]) >= 2
     _each_epoch_once(parts, moved["run_id"], 4)
     attempt = json.loads((work / "trials" / victim / "metrics.json").read_text())["attempt"]
-    assert attempt["attempt_start_epoch"] >= 2
+    assert attempt["attempt_start_epoch"] == cut_epoch + 1

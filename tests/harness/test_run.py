@@ -18,6 +18,7 @@ from harness.cli import main
 from harness.search import KEY_ATTR, REASON_ATTR, storage_for
 from harness.spec import load_study
 from harness.tracking import default_uri, trial_runs
+from tests.harness.conftest import LONG_EPOCH_DATA, checkpoint_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +159,8 @@ def test_impossible_resources_fail_before_any_trial(ray_cluster, write_study, tm
 
 
 def test_resume_after_the_driver_is_killed(ray_cluster, write_study, tmp_path, capsys):
-    path = write_study("killed", grid=GRID, schedule={"epochs": 3}, resources={"concurrency": 1})
+    path = write_study("killed", grid=GRID, schedule={"epochs": 3}, resources={"concurrency": 1},
+                       data=LONG_EPOCH_DATA)
     work = tmp_path / "work"
     labels = [t.label for t in load_study(path).trials()]
     argv = ["run", path, "--work-dir", str(work)]
@@ -194,16 +196,19 @@ def test_resume_after_the_driver_is_killed(ray_cluster, write_study, tmp_path, c
     keys = {t.label: t.key for t in load_study(path).trials()}
     cut_run = before.loc[keys[labels[1]], "run_id"]
     stamps = {k: os.path.getmtime(work / "trials" / k / "checkpoint.pt") for k in finished_before}
+    cut_epoch = checkpoint_epoch(work / "trials" / keys[labels[1]])  # what the kill left: >= 1
+    assert 1 <= cut_epoch < 3, f"trial 2 had trained {cut_epoch} of 3 epochs when killed"
 
     assert main(argv) == 0  # the same command, resumed (here on the test's Ray cluster)
     out = capsys.readouterr().out
     assert "resuming: 1 trial(s)" in out
     assert f"{len(finished_before)} trial(s) already done" in out
     # Resumed from its checkpoint, not from scratch: what the second attempt trained, as fit
-    # recorded it (the killed driver left a checkpoint of epoch 1 at least; 4 steps an epoch).
+    # recorded it, starts right after the epoch the killed driver's checkpoint holds (48 steps
+    # an epoch).
     attempt = json.loads((work / "trials" / keys[labels[1]] / "metrics.json").read_text())["attempt"]
-    assert attempt["attempt_start_epoch"] >= 2
-    assert attempt["attempt_steps"] == 4 * (3 - attempt["attempt_start_epoch"] + 1)
+    assert attempt["attempt_start_epoch"] == cut_epoch + 1
+    assert attempt["attempt_steps"] == 48 * (3 - cut_epoch)
 
     after = _runs(work, "killed")
     assert len(after) == 4 and after["tags.libra.trial_key"].is_unique  # no duplicate runs
