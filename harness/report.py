@@ -158,8 +158,10 @@ def tidy_runs(frame):
         tags = {k[5:]: str(v) for k, v in record.items() if k.startswith("tags.") and _present(v)}
         if tags.get(ROLE, "trial") != "trial":
             continue
+        # Config keys are dotted; the dot-free params (ibs, bfp, bl1, seed, ...) are the MLflow
+        # view's short aliases of them (mlflow_view.param_aliases), not keys of their own.
         config = {k[7:]: _parse_param(v) for k, v in record.items()
-                  if k.startswith("params.") and _present(v)}
+                  if k.startswith("params.") and "." in k[7:] and _present(v)}
         metrics = {k[8:]: _float(v) for k, v in record.items() if k.startswith("metrics.")}
         try:
             params = json.loads(tags.get("libra.params") or "{}")

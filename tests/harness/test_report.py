@@ -205,6 +205,9 @@ def test_rows_follow_the_grid_with_mean_std_n_over_finished_seeds(table):
             assert math.isnan(table.at[row, "AP_std"])
     assert table["n_trials"].tolist() == [3, 3, 4, 3] and table["n_finished"].tolist() == [3, 3, 3, 1]
     assert table.at[b, "seeds"] == "0;1;2"
+    # Seeds differ within every row by design: no row is flagged as mixing configs (the MLflow
+    # view's short `seed` param once was, in every row of every report).
+    assert table.attrs["warnings"] == []
     # AP50 = AP + 20 points; APs: seed 2 logged NaN, so A's APs is over seeds 0, 1: 20, 21
     assert table.at[a, "AP50_mean"] == pytest.approx(51.0, abs=1e-9)
     assert table.at[a, "APs_n"] == 2 and table.at[a, "APs_mean"] == pytest.approx(20.5, abs=1e-9)
@@ -304,6 +307,16 @@ def test_paired_deltas_hold_their_family_wise_error_and_joint_coverage():
     slack = 3 * math.sqrt(0.05 * 0.95 / sims)
     assert false_alarm / sims <= 0.05 + slack
     assert covered / sims >= 0.95 - slack
+
+
+def test_a_row_whose_runs_differ_in_a_config_key_is_flagged_by_that_key(runs, store):
+    changed = runs.copy()
+    index = changed.index[(changed["state"] == "finished") & (changed["seed"] == 1)
+                          & ~changed["iou_balanced_sampling"] & ~changed["balanced_feature_pyramid"]][0]
+    changed.at[index, "config"] = {**changed.at[index, "config"], "schedule.lr": 0.5}
+    warnings = report.study_table(changed, store["study"]).attrs["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("row 'no components' mixes")
+    assert "schedule.lr (0.5, null)" in warnings[0] and "seed" not in warnings[0]
 
 
 def test_failed_pruned_and_running_are_listed_never_averaged(store, runs, table):
