@@ -556,7 +556,7 @@ class _Driver:
         print("", file=out)
         # The same table `libra report` writes; failed and pruned trials are listed under it.
         if self.study.kind != "bench":  # a bench's results were printed when it finished
-            table = render_markdown_table(frame, self.study)
+            table = render_markdown_table(frame, self.study, rounds=self.rounds)
             print(table, file=out)
             # The parent run says which trial is best and keeps the closing table (mlflow_view).
             client, parent = self.tracker.client, self.tracker.parent_id

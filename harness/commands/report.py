@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
     written = {"table.csv": report.to_csv(table), "table.tex": report.to_latex(table),
                "trials.csv": _trials_csv(runs)}
-    effects = report.study_effects(runs, study) if study is not None else None
+    effects = report.study_effects(runs, study, rounds=study.seed_rounds) if study is not None else None
     if effects is not None:
         written["effects.csv"] = effects.to_csv(index=False)
     for filename, text in written.items():

@@ -221,3 +221,50 @@ def test_plan_leaves_a_missing_se_blank():
     assert math.isnan(out.at[0, "detectable"])
     assert out.at[1, "detectable"] == pytest.approx(
         planner.detectable_effect(table.at[1, "se"], table.attrs["df_resid"]), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# Seeds in rounds: what stopping on narrow intervals does to their coverage.
+# ------------------------------------------------------------------------------------------
+def _procedure_by_hand(sigma, half_width, sims, rng, initial=2, cap=4):
+    """The rounds rule simulated the long way, independently of rounds_coverage: real effects
+    (+0.5, -1.0, 0.0) and a seed block effect (SD 2) in the data, the runs in seed-major order,
+    a design built from the runs at each round, and the intervals checked against the truth."""
+    truth = np.array([0.5, -1.0, 0.0])
+    combos = list(itertools.product([False, True], repeat=3))
+    shift = np.array(combos, dtype=float) @ truth  # [8] each configuration's true mean - 10
+    block = rng.normal(0.0, 2.0, (cap, sims))
+    y = 10.0 + shift[None, :, None] + block[:, None, :] + rng.normal(0.0, sigma, (cap, 8, sims))
+    covered, running = np.zeros((3, sims), dtype=bool), np.ones(sims, dtype=bool)
+    for n in range(initial, cap + 1):
+        values = [dict(zip((A, B, C), combo)) for _ in range(n) for combo in combos]
+        seeds = [s for s in range(n) for _ in combos]
+        design = effects.build_design(values, seeds, [A, B, C])
+        main = [i for i, c in enumerate(design.contrasts) if c.kind == "main"]
+        fit = design.estimate(y[:n].reshape(n * 8, sims))
+        low, high = fit["ci_low"][main], fit["ci_high"][main]
+        stop = running & (((high - low) / 2.0).max(axis=0) <= half_width) | (running & (n == cap))
+        covered[:, stop] = ((low <= truth[:, None]) & (truth[:, None] <= high))[:, stop]
+        running &= ~stop
+    return covered.mean()
+
+
+def test_rounds_coverage_is_nominal_when_the_rule_never_or_always_stops_early():
+    design = fitted().attrs["design"]
+    # Monte Carlo SE of a coverage near 0.95 at 4000 studies is below 0.004: 3 SE = 0.012.
+    never = planner.rounds_coverage(design, 2, 4, 1e-9, [1.0])[0]  # every study runs to the cap
+    always = planner.rounds_coverage(design, 2, 4, 1e9, [1.0])[0]  # every study stops at round 1
+    assert abs(never - 0.95) < 0.012 and abs(always - 0.95) < 0.012
+    # and only the ratio sigma / half_width matters
+    a = planner.rounds_coverage(design, 2, 4, 1.5, [1.9], seed=3)[0]
+    b = planner.rounds_coverage(design, 2, 4, 3.0, [3.8], seed=3)[0]
+    assert a == pytest.approx(b, abs=1e-12)
+
+
+def test_stopping_on_narrow_intervals_lowers_their_coverage_as_the_long_simulation_does():
+    design = fitted().attrs["design"]
+    # sigma = 1.27 x the target: stopping at rounds 2, 3 and 4 all happen often, the worst case.
+    fast = planner.rounds_coverage(design, 2, 4, 1.5, [1.9], sims=8000, seed=1)[0]
+    slow = _procedure_by_hand(1.9, 1.5, 8000, np.random.default_rng(2))
+    assert 0.92 < fast < 0.945  # below the nominal 95% beyond Monte Carlo error (SE < 0.003)
+    assert fast == pytest.approx(slow, abs=0.012)  # two independent simulations, SE of the gap < 0.004

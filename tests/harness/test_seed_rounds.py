@@ -52,6 +52,9 @@ def test_rounds_stop_when_resolved_then_grow_to_the_cap_on_a_stricter_target(
     assert latest["libra.seeds"] == "0,1,2,3" and len(latest["libra.rounds"].splitlines()) == 3
     # the closing table and effects cover all four seeds
     assert "Effects (factorial" in out
+    # with what the rounds' stopping rule does to the intervals' coverage (simulated)
+    assert ("seeds in rounds (2 per configuration, one more per round up to 4, until every main "
+            "effect is within +-1e-12)") in out and "at the worst noise level" in out
 
 
 def test_seed_rounds_are_validated_and_shown_by_dry_run(write_study, tmp_path, capsys):
