@@ -262,7 +262,9 @@ def test_driver_killed_and_command_rerun(parts, write_study, tmp_path):
     _each_epoch_once(parts, cut["run_id"], 3)
     attempt = json.loads((tmp_path / "work" / "trials" / keys[labels[1]] / "metrics.json")
                          .read_text())["attempt"]
-    assert attempt["attempt_start_epoch"] == cut_epoch + 1  # from its checkpoint, not from scratch
+    # From its checkpoint, not from scratch: at least the epoch after the one the kill left (its
+    # worker may outlive the driver by a moment and write one more checkpoint before it is reaped).
+    assert cut_epoch + 1 <= attempt["attempt_start_epoch"] <= 3
 
 
 def test_second_node_killed_mid_trial(parts, write_study, tmp_path):
@@ -300,4 +302,7 @@ def test_second_node_killed_mid_trial(parts, write_study, tmp_path):
     assert int(moved["tags.libra.attempts"]) >= 2
     _each_epoch_once(parts, moved["run_id"], 4)
     attempt = json.loads((work / "trials" / victim / "metrics.json").read_text())["attempt"]
-    assert attempt["attempt_start_epoch"] == cut_epoch + 1
+    # From the dead node's checkpoint, not from scratch: at least the epoch after the one there at
+    # the kill (the node's worker can outlive its raylet by a moment and write one more, as a CI
+    # run saw: checkpoint 1 at the kill, the retry started at 3).
+    assert cut_epoch + 1 <= attempt["attempt_start_epoch"] <= 4
