@@ -133,13 +133,15 @@ def seeds_for_half_width(design: EffectsDesign, sigma: float, half_width: float,
 
 def rounds_coverage(design: EffectsDesign, initial: int, cap: int, half_width: float,
                     sigmas: Sequence[float], *, sims: int = 4000, confidence: float = 0.95,
-                    seed: int = 0) -> np.ndarray:
-    """[len(sigmas)] simulated coverage of the main effects' intervals when the seeds come in
-    rounds, as `libra run` adds them (harness.study._Driver._next_round): `initial` seeds per
-    configuration of `design`'s complete grid, then one more per round until every main
-    effect's half-width is <= half_width, or `cap` seeds. Per true residual SD in `sigmas`: the
-    share of the main effects' final intervals, over `sims` studies, that hold the true effect
-    (a mean over the main effects; its Monte Carlo SE is under 0.4% at 4000 studies).
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """What seeds in rounds do, simulated: `libra run` (harness.study._Driver._next_round) runs
+    `initial` seeds per configuration of `design`'s complete grid, then one more per round until
+    every main effect's half-width is <= half_width, or `cap` seeds.
+
+    Returns (coverage [len(sigmas)], stopped [len(sigmas), cap - initial + 1]), per true
+    residual SD in `sigmas`: the share of the main effects' final intervals, over `sims`
+    studies, that hold the true effect (a mean over the main effects; its Monte Carlo SE is
+    under 0.4% at 4000 studies), and the share of studies that stop at each round.
 
     Stopping when the intervals happen to be narrow (the runs' residual SD came out low)
     lowers their coverage below `confidence`. It depends on the design and sigma / half_width
@@ -152,20 +154,22 @@ def rounds_coverage(design: EffectsDesign, initial: int, cap: int, half_width: f
     main = [i for i, c in enumerate(stages[initial].contrasts) if c.kind == "main"]
     configurations = len(stages[initial].frame) // initial  # complete_design: seeds innermost
     out = np.full(len(sigmas), np.nan)
+    stopped = np.zeros((len(sigmas), len(stages)))
     for j, sigma in enumerate(sigmas):
         noise = rng.normal(0.0, sigma, (configurations, cap, sims))
         covered = np.zeros((len(main), sims), dtype=bool)
         running = np.ones(sims, dtype=bool)
-        for n, stage in stages.items():
+        for r, (n, stage) in enumerate(stages.items()):
             fit = stage.estimate(noise[:, :n].reshape(configurations * n, sims), confidence)
             low, high = fit["ci_low"][main], fit["ci_high"][main]
             with np.errstate(invalid="ignore"):  # no interval yet (0 df): NaN, never resolved
                 widest = ((high - low) / 2.0).max(axis=0)
                 stop = running & ((widest <= half_width) | (n == cap))
                 covered[:, stop] = ((low <= 0.0) & (high >= 0.0))[:, stop]
+            stopped[j, r] = stop.mean()
             running &= ~stop
         out[j] = covered.mean() if main else np.nan
-    return out
+    return out, stopped
 
 
 def plan(effects, target_effect: Optional[float] = None, target_power: float = POWER,

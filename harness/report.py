@@ -397,9 +397,9 @@ def study_effects(runs, study, confidence: float = 0.95, *, rounds: Optional[Any
         sigma = table.attrs.get("sigma", math.nan)
         levels = rounds.until_half_width * np.geomspace(0.25, 4.0, 13)
         at = [sigma] if math.isfinite(sigma) and sigma > 0 else []
-        cover = planner.rounds_coverage(design, rounds.initial, rounds.max,
-                                        rounds.until_half_width, at + list(levels),
-                                        confidence=confidence)
+        cover, _ = planner.rounds_coverage(design, rounds.initial, rounds.max,
+                                           rounds.until_half_width, at + list(levels),
+                                           confidence=confidence)
         planned.attrs["rounds_coverage"] = {
             "initial": rounds.initial, "max": rounds.max, "half_width": rounds.until_half_width,
             "at_sigma": float(cover[0]) if at else math.nan, "lowest": float(cover[len(at):].min()),

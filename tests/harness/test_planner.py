@@ -252,19 +252,35 @@ def _procedure_by_hand(sigma, half_width, sims, rng, initial=2, cap=4):
 def test_rounds_coverage_is_nominal_when_the_rule_never_or_always_stops_early():
     design = fitted().attrs["design"]
     # Monte Carlo SE of a coverage near 0.95 at 4000 studies is below 0.004: 3 SE = 0.012.
-    never = planner.rounds_coverage(design, 2, 4, 1e-9, [1.0])[0]  # every study runs to the cap
-    always = planner.rounds_coverage(design, 2, 4, 1e9, [1.0])[0]  # every study stops at round 1
-    assert abs(never - 0.95) < 0.012 and abs(always - 0.95) < 0.012
+    never, stops = planner.rounds_coverage(design, 2, 4, 1e-9, [1.0])  # every study to the cap
+    assert abs(never[0] - 0.95) < 0.012 and stops.tolist() == [[0.0, 0.0, 1.0]]
+    always, stops = planner.rounds_coverage(design, 2, 4, 1e9, [1.0])  # every study at round 1
+    assert abs(always[0] - 0.95) < 0.012 and stops.tolist() == [[1.0, 0.0, 0.0]]
+    at_90, _ = planner.rounds_coverage(design, 2, 4, 1e9, [1.0], confidence=0.90)
+    assert abs(at_90[0] - 0.90) < 0.015  # the intervals are the confidence asked for
     # and only the ratio sigma / half_width matters
-    a = planner.rounds_coverage(design, 2, 4, 1.5, [1.9], seed=3)[0]
-    b = planner.rounds_coverage(design, 2, 4, 3.0, [3.8], seed=3)[0]
-    assert a == pytest.approx(b, abs=1e-12)
+    a = planner.rounds_coverage(design, 2, 4, 1.5, [1.9], seed=3)
+    b = planner.rounds_coverage(design, 2, 4, 3.0, [3.8], seed=3)
+    assert a[0] == pytest.approx(b[0], abs=1e-12) and np.array_equal(a[1], b[1])
+
+
+def test_the_share_stopping_at_round_one_is_the_chi_square_probability():
+    # Round 1 stops when t * s * u <= half_width, s^2 ~ sigma^2 chi2(df) / df: exact odds.
+    design = fitted().attrs["design"]
+    unit, df = planner.design_at(design, 2)
+    u = max(unit[i] for i, c in enumerate(design.contrasts) if c.kind == "main")
+    q = stats.t.ppf(0.975, df)
+    for sigma in (1.2, 1.9):
+        exact = stats.chi2.cdf(df * (1.5 / (q * u * sigma)) ** 2, df)
+        _, stops = planner.rounds_coverage(design, 2, 4, 1.5, [sigma], sims=8000)
+        assert stops[0].sum() == pytest.approx(1.0)
+        assert stops[0, 0] == pytest.approx(exact, abs=0.017)  # 3 SE of a share at 8000 studies
 
 
 def test_stopping_on_narrow_intervals_lowers_their_coverage_as_the_long_simulation_does():
     design = fitted().attrs["design"]
     # sigma = 1.27 x the target: stopping at rounds 2, 3 and 4 all happen often, the worst case.
-    fast = planner.rounds_coverage(design, 2, 4, 1.5, [1.9], sims=8000, seed=1)[0]
+    fast = planner.rounds_coverage(design, 2, 4, 1.5, [1.9], sims=8000, seed=1)[0][0]
     slow = _procedure_by_hand(1.9, 1.5, 8000, np.random.default_rng(2))
     assert 0.92 < fast < 0.945  # below the nominal 95% beyond Monte Carlo error (SE < 0.003)
     assert fast == pytest.approx(slow, abs=0.012)  # two independent simulations, SE of the gap < 0.004
