@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -131,6 +131,18 @@ def seeds_for_half_width(design: EffectsDesign, sigma: float, half_width: float,
     return None
 
 
+def widest_half_width(low, high) -> Any:
+    """The seed rounds' statistic: the widest half-width (high - low) / 2 over the main effects'
+    intervals. low, high: [effects] or [effects, sims]; returns a float or [sims], NaN where some
+    interval is missing (no residual df yet) or there is no effect: never resolved. The driver
+    (harness.study) decides each round by it and rounds_coverage simulates the same rule."""
+    low, high = np.asarray(low, dtype=float), np.asarray(high, dtype=float)
+    if low.shape[0] == 0:
+        return np.full(low.shape[1:], np.nan)[()]
+    with np.errstate(invalid="ignore"):
+        return ((high - low) / 2.0).max(axis=0)[()]
+
+
 def rounds_coverage(design: EffectsDesign, initial: int, cap: int, half_width: float,
                     sigmas: Sequence[float], *, sims: int = 4000, confidence: float = 0.95,
                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -163,8 +175,7 @@ def rounds_coverage(design: EffectsDesign, initial: int, cap: int, half_width: f
             fit = stage.estimate(noise[:, :n].reshape(configurations * n, sims), confidence)
             low, high = fit["ci_low"][main], fit["ci_high"][main]
             with np.errstate(invalid="ignore"):  # no interval yet (0 df): NaN, never resolved
-                widest = ((high - low) / 2.0).max(axis=0)
-                stop = running & ((widest <= half_width) | (n == cap))
+                stop = running & ((widest_half_width(low, high) <= half_width) | (n == cap))
                 covered[:, stop] = ((low <= 0.0) & (high >= 0.0))[:, stop]
             stopped[j, r] = stop.mean()
             running &= ~stop

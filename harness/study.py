@@ -505,6 +505,7 @@ class _Driver:
         the cap is reached, or a trial failed (a failing grid must be fixed, not grown). The
         decision is printed and tagged on the parent run (libra.rounds), so a resumed study
         walks the same rounds: finished trials are skipped, the effects are read back."""
+        from harness.planner import widest_half_width
         from harness.report import study_effects, tidy_runs
 
         rounds = self.rounds
@@ -514,13 +515,13 @@ class _Driver:
         frame = tidy_runs(trial_runs(self.tracker.uri, self.tracker.experiment_name, source.keys()))
         effects = study_effects(frame, self.study)
         main = effects[effects["kind"] == "main"] if effects is not None and len(effects) else None
-        half = ((main["ci_high"] - main["ci_low"]) / 2.0).tolist() if main is not None else []
-        widest = max(half, default=math.nan) if all(math.isfinite(h) for h in half) else math.inf
+        widest = (float(widest_half_width(main["ci_low"], main["ci_high"])) if main is not None
+                  else math.nan)  # NaN: no interval yet
         target = rounds.until_half_width
         shown = "no interval yet" if not math.isfinite(widest) else f"{widest:.2f} AP"
         line = (f"round {len(seeds) - rounds.initial + 1}: seeds {seeds[0]}-{seeds[-1]}, widest "
                 f"main-effect 95% half-width {shown} (target {target:g})")
-        if half and widest <= target:
+        if widest <= target:
             decision, nxt = "resolved", None
         elif len(seeds) >= rounds.max:
             decision, nxt = f"stopping at the cap of {rounds.max} seeds, not resolved", None

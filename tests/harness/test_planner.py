@@ -284,3 +284,18 @@ def test_stopping_on_narrow_intervals_lowers_their_coverage_as_the_long_simulati
     slow = _procedure_by_hand(1.9, 1.5, 8000, np.random.default_rng(2))
     assert 0.92 < fast < 0.945  # below the nominal 95% beyond Monte Carlo error (SE < 0.003)
     assert fast == pytest.approx(slow, abs=0.012)  # two independent simulations, SE of the gap < 0.004
+
+
+def test_widest_half_width_is_nan_until_every_main_effect_has_an_interval():
+    # one effect, several, and per simulated study ([effects, sims])
+    assert planner.widest_half_width([1.0], [4.0]) == 1.5
+    assert planner.widest_half_width([0.0, -1.0], [2.0, 2.0]) == 1.5
+    per_study = planner.widest_half_width(np.array([[0.0, 0.0], [1.0, 0.0]]),
+                                          np.array([[2.0, 4.0], [2.0, 2.0]]))
+    assert per_study.tolist() == [1.0, 2.0]
+    # a missing interval (0 residual df: NaN, or None from an object column) or no effect at all
+    assert math.isnan(planner.widest_half_width([0.0, math.nan], [2.0, 1.0]))
+    assert math.isnan(planner.widest_half_width(pd.Series([0.0, None], dtype=object),
+                                                pd.Series([2.0, None], dtype=object)))
+    empty = planner.widest_half_width(pd.Series([], dtype=float), pd.Series([], dtype=float))
+    assert isinstance(empty, float) and math.isnan(empty)
