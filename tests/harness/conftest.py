@@ -72,7 +72,6 @@ def ray_cluster():
 
 def checkpoint_epoch(trial_dir) -> int:
     """The last epoch a trial's checkpoint.pt holds (what a resumed attempt continues after)."""
-    import torch
+    from detectors.engine import CHECKPOINT_NAME, load_checkpoint
 
-    state = torch.load(os.path.join(str(trial_dir), "checkpoint.pt"), map_location="cpu", weights_only=True)
-    return int(state["epoch"])
+    return int(load_checkpoint(os.path.join(str(trial_dir), CHECKPOINT_NAME))["epoch"])
