@@ -190,11 +190,12 @@ class BalancedFeaturePyramid(nn.Module):
 def _resize(x: Tensor, size: Sequence[int], shrink: bool) -> Tensor:
     """[N, C, H, W] -> [N, C, *size]: max-pooling when `shrink`, else nearest.
 
-    Shrinking by whole factors fh x fw is a max over fh x fw blocks. With gradients it runs as
-    F.max_pool2d (kernel = stride = the factor: the values and the gradient, ties included, of
-    F.adaptive_max_pool2d, which serves the other ratios). Without gradients (inference) it
-    runs as two reductions over a [N, C, h, fh, w, fw] view, the width first: on the CPU the
-    pooling kernels are scalar, and this is about 3x faster at P2 of the CPU configuration.
+    Shrinking by whole factors fh x fw is a max over fh x fw blocks (other ratios go to
+    F.adaptive_max_pool2d, whose values and gradient, ties included, the whole-factor paths
+    match). With gradients on the CPU it runs as _BlockMax, on a GPU as F.max_pool2d. Without
+    gradients (inference) it runs as two reductions over views, the rows of each block first:
+    the CPU's pooling kernels are scalar, and this is about 5x faster at P2 of the CPU
+    configuration (its inner loop runs over a contiguous row of W values).
     """
     size = tuple(int(s) for s in size)
     height, width = x.shape[-2:]
@@ -207,16 +208,49 @@ def _resize(x: Tensor, size: Sequence[int], shrink: bool) -> Tensor:
         return F.adaptive_max_pool2d(x, size)
     fh, fw = height // h, width // w
     if torch.is_grad_enabled() and x.requires_grad:
+        if x.device.type == "cpu":
+            return _BlockMax.apply(x, fh, fw)
         return F.max_pool2d(x, kernel_size=(fh, fw), stride=(fh, fw))
-    return x.unflatten(3, (w, fw)).amax(4).unflatten(2, (h, fh)).amax(3)
+    return x.unflatten(2, (h, fh)).amax(3).unflatten(3, (w, fw)).amax(4)
+
+
+class _BlockMax(torch.autograd.Function):
+    """F.max_pool2d(x, kernel = stride = (fh, fw)) on the CPU, about 2x faster forward + backward.
+
+    The CPU's max-pooling kernel for contiguous (NCHW) maps is scalar; the one for channels-last
+    maps is vectorised over channels, so the forward pools a channels-last copy (about 2x
+    faster at P2 of the CPU configuration, the copy included). Its backward kernel is the slow
+    one, so the backward is the contiguous kernel, given the forward's indices (flat positions
+    in each H x W plane, the same in both layouts). Both kernels scan a window row by row and
+    keep the first maximum (a NaN wins), so values, indices and gradients, ties included,
+    equal F.max_pool2d's exactly (tests/detectors/test_bfp.py).
+    Shapes: x [N, C, h*fh, w*fw] -> [N, C, h, w].
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fh: int, fw: int) -> Tensor:
+        pooled, indices = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), (fh, fw), (fh, fw),
+                                       return_indices=True)
+        ctx.save_for_backward(x, indices.contiguous())
+        ctx.factors = (fh, fw)
+        return pooled.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, indices = ctx.saved_tensors
+        kernel = list(ctx.factors)
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(
+            grad.contiguous(), x, kernel, kernel, [0, 0], [1, 1], False, indices)
+        return grad_x, None, None
 
 
 class _AddNearestUpsampled(torch.autograd.Function):
     """base + small repeated in fh x fw blocks, with a hand-written backward.
 
     Autograd's backward of a broadcast add reduces the gradient over two strided dimensions at
-    once, the slowest reduction the CPU has; the block sum by avg_pool2d (divisor 1) is about 2x
-    faster at P2 of the CPU configuration, and base's gradient passes through uncopied.
+    once, the slowest reduction the CPU has; the hand-written block sum (rows, then strided
+    columns) is about 6x faster than that at P2 of the CPU configuration, and 2x faster than
+    avg_pool2d with divisor 1; base's gradient passes through uncopied.
     Shapes: base [N, C, h*fh, w*fw], small [N, C, h, w] -> [N, C, h*fh, w*fw].
     """
 
@@ -234,8 +268,12 @@ class _AddNearestUpsampled(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         fh, fw = ctx.factors
-        # the sum over each fh x fw block: the gradient of the repeat
-        grad_small = F.avg_pool2d(grad, kernel_size=(fh, fw), stride=(fh, fw), divisor_override=1)
+        # The sum over each fh x fw block, the gradient of the repeat: the fh rows of each block
+        # first (contiguous rows of W), then the fw columns as strided slices.
+        rows = grad.unflatten(2, (grad.shape[2] // fh, fh)).sum(3)  # [N, C, h, W]
+        grad_small = rows[..., 0::fw]
+        for column in range(1, fw):
+            grad_small = grad_small + rows[..., column::fw]  # [N, C, h, w]
         return grad, grad_small, None, None
 
 

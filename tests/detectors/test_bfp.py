@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid, NonLocalBlock2d, _add_upsampled, _resize
+from detectors.bfp import BackboneWithBFP, BalancedFeaturePyramid, NonLocalBlock2d, _add_upsampled, _BlockMax, _resize
 
 CHANNELS = 4
 ODD_SIZES = [(25, 38), (13, 19), (7, 10), (4, 5), (2, 3)]
@@ -133,7 +133,7 @@ def test_upsample_add_gradient_is_the_block_sum_in_first_and_second_order(fh, fw
 
 @pytest.mark.parametrize("size", [(4, 4), (2, 8), (5, 7)])  # whole factors (two), not whole
 def test_shrinking_equals_adaptive_max_pooling_with_and_without_gradients(size):
-    # Both fast paths (max_pool2d with gradients, block reductions without) give
+    # Both fast paths (_BlockMax with gradients, block reductions without) give
     # adaptive_max_pool2d's values; the gradient goes where its gradient goes, ties included:
     # a constant block (a padded border's features) sends its gradient to one entry, the first.
     gen = torch.Generator().manual_seed(size[0] * 10 + size[1])
@@ -150,6 +150,30 @@ def test_shrinking_equals_adaptive_max_pooling_with_and_without_gradients(size):
     F.adaptive_max_pool2d(ref_leaf, size).backward(upstream)
     assert torch.equal(leaf.grad, ref_leaf.grad)
     assert torch.count_nonzero(leaf.grad[0, 0, :6, :10]) <= 4  # one entry per tied block
+
+
+@pytest.mark.parametrize("fh, fw", [(2, 2), (4, 4), (3, 1), (2, 5)])
+def test_block_max_equals_max_pool_in_value_gradient_ties_and_nan(fh, fw):
+    # _BlockMax pools a channels-last copy and back-propagates through the contiguous kernel with
+    # those indices: every value and every gradient entry must be max_pool2d's, where ties (a
+    # constant padded border), a NaN (it wins its window) and a non-contiguous input occur.
+    gen = torch.Generator().manual_seed(fh * 10 + fw)
+    x = torch.randn(2, 5, 6 * fh, 4 * fw, generator=gen)
+    x[0, :, :2 * fh, :2 * fw] = 0.5
+    x[1, 2, 0, 0] = float("nan")
+    for source in (x, x.transpose(2, 3).contiguous().transpose(2, 3)):  # contiguous, then strided
+        leaf, ref_leaf = source.clone().requires_grad_(), source.clone().requires_grad_()
+        got = _BlockMax.apply(leaf, fh, fw)
+        want = F.max_pool2d(ref_leaf, (fh, fw), (fh, fw))
+        assert got.is_contiguous() and torch.equal(got.nan_to_num(9.0), want.nan_to_num(9.0))
+        upstream = torch.randn(want.shape, generator=gen)
+        got.backward(upstream)
+        want.backward(upstream)
+        assert torch.equal(leaf.grad, ref_leaf.grad)
+    small = torch.randn(1, 2, 2 * fh, 3 * fw, generator=gen, dtype=torch.float64, requires_grad=True)
+    pool = lambda t: _BlockMax.apply(t, fh, fw)  # noqa: E731
+    assert torch.autograd.gradcheck(pool, (small,))
+    assert torch.autograd.gradgradcheck(pool, (small,))
 
 
 def _reference_bfp(bfp, levels):
